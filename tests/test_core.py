@@ -1,0 +1,141 @@
+"""The pure-torch RTM core against Algorithm 1 of the paper (App. A). Runs without StyleGAN."""
+
+import pytest
+import torch
+
+from rtm_mapping import core
+from rtm_mapping.core import RecursiveTokenMapper
+
+
+def unrolled_algorithm_1(m: RecursiveTokenMapper, z: torch.Tensor, H: int, L: int) -> torch.Tensor:
+    """Algorithm 1, line for line, with the explicit detach of line 9."""
+    z0 = m.lift(core.pixel_norm(z)).reshape(-1, m.tokens, m.token_dim)          # line 1
+    z_h = m.h_init.expand_as(z0)                                                # line 2
+    z_l = m.l_init.expand_as(z0)
+    for h in range(1, H + 1):                                                   # line 3
+        for _ in range(L):                                                      # line 4
+            z_l = m.block(z_l + (z_h + z0))                                     # line 5
+        z_h = m.block(z_h + z_l)                                                # line 7
+        if h < H:                                                               # line 8
+            z_h, z_l = z_h.detach(), z_l.detach()                               # line 9
+    return m.readout(z_h.flatten(1))                                            # line 12
+
+
+def saved_tensor_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while running fn()."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+@pytest.mark.parametrize('block', core.BLOCKS)
+def test_shapes_and_dtype(block):
+    m = RecursiveTokenMapper(96, 40, tokens=3, token_dim=16, steps=2, block=block, heads=2)
+    w = m(torch.randn(5, 96))
+    assert w.shape == (5, 40) and w.dtype == torch.float32
+
+
+@pytest.mark.parametrize('block', core.BLOCKS)
+@pytest.mark.parametrize('H,L', [(1, 1), (3, 2), (4, 1)])
+def test_equals_hand_unrolled_algorithm_1(block, H, L):
+    m = RecursiveTokenMapper(32, 24, tokens=4, token_dim=8, steps=H, inner_steps=L, block=block, heads=2)
+    z = torch.randn(6, 32)
+    torch.testing.assert_close(m(z), unrolled_algorithm_1(m, z, H, L), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('block', core.BLOCKS)
+def test_short_gradient_is_last_step_with_earlier_steps_detached(block):
+    m = RecursiveTokenMapper(32, 24, tokens=4, token_dim=8, steps=5, inner_steps=2, block=block, heads=2)
+    z = torch.randn(6, 32)
+    target = torch.randn(6, 24)
+
+    def grads(fn):
+        m.zero_grad()
+        (fn() - target).square().mean().backward()
+        return {name: p.grad.clone() for name, p in m.named_parameters()}
+
+    ours, reference = grads(lambda: m(z)), grads(lambda: unrolled_algorithm_1(m, z, 5, 2))
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
+        assert ours[name].abs().sum() > 0, f'{name} gets no gradient'
+
+
+def test_earlier_steps_keep_no_autograd_state():
+    z = torch.randn(32, 512)
+    m = RecursiveTokenMapper(512, 512)
+    at_h1 = saved_tensor_bytes(lambda: m(z, steps=1))
+    at_h16 = saved_tensor_bytes(lambda: m(z, steps=16))
+    m.set_steps(grad_steps=16)
+    full = saved_tensor_bytes(lambda: m(z, steps=16))
+    assert at_h16 <= 1.05 * at_h1
+    assert full > 8 * at_h1  # full backpropagation through time keeps every step
+
+
+def test_default_parameter_count_matches_paper_and_ignores_schedule():
+    counts = {(H, L, g): sum(p.numel() for p in RecursiveTokenMapper(512, 512, steps=H, inner_steps=L, grad_steps=g).parameters())
+              for H, L, g in [(16, 1, 1), (1, 1, 1), (64, 3, 1), (8, 2, 4)]}
+    assert len(set(counts.values())) == 1
+    assert 0.55e6 <= counts[16, 1, 1] <= 0.80e6
+
+
+def test_carry_vectors_are_deterministic_across_global_seeds():
+    torch.manual_seed(1)
+    a = RecursiveTokenMapper(16, 16, tokens=2, token_dim=8)
+    torch.manual_seed(2)
+    b = RecursiveTokenMapper(16, 16, tokens=2, token_dim=8)
+    assert torch.equal(a.h_init, b.h_init) and torch.equal(a.l_init, b.l_init)
+    assert not torch.equal(a.h_init, a.l_init)
+    assert not torch.equal(a.lift.weight, b.lift.weight)  # parameters do follow the global seed
+    assert {name for name, _ in a.named_buffers()} == {'h_init', 'l_init'}
+
+
+def test_inference_override_equals_a_model_built_with_that_schedule():
+    trained = RecursiveTokenMapper(64, 64, tokens=4, token_dim=16, steps=16)
+    z = torch.randn(8, 64)
+    rebuilt = RecursiveTokenMapper(64, 64, tokens=4, token_dim=16, steps=32, inner_steps=2)
+    rebuilt.load_state_dict(trained.state_dict())
+    per_call = trained(z, steps=32, inner_steps=2)
+    trained.set_steps(steps=32, inner_steps=2)
+    torch.testing.assert_close(trained(z), rebuilt(z), rtol=0, atol=0)
+    torch.testing.assert_close(per_call, rebuilt(z), rtol=0, atol=0)
+    assert trained.steps == 32
+
+
+def test_schedule_validation():
+    m = RecursiveTokenMapper(8, 8, tokens=2, token_dim=4)
+    for bad in [dict(steps=0), dict(inner_steps=-1), dict(grad_steps=1.5)]:
+        with pytest.raises(ValueError):
+            m.set_steps(**bad)
+    with pytest.raises(ValueError, match='block'):
+        RecursiveTokenMapper(8, 8, block='transformer')
+    with pytest.raises(ValueError, match='heads'):
+        RecursiveTokenMapper(8, 8, tokens=2, token_dim=6, block='attention', heads=4)
+
+
+@pytest.mark.parametrize('block', core.BLOCKS)
+def test_finite_at_depth_128_from_random_init(block):
+    m = RecursiveTokenMapper(512, 512, steps=128, block=block)
+    with torch.no_grad():
+        w = m(torch.randn(16, 512) * 100)
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_finite_under_autocast(dtype):
+    m = RecursiveTokenMapper(512, 512, steps=16)
+    z = torch.randn(16, 512) * 1e3
+    with torch.autocast('cpu', dtype=dtype):
+        w = m(z)
+    w.float().square().mean().backward()
+    assert torch.isfinite(w).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    with torch.autocast('cpu', dtype=dtype):
+        w1 = m(z, steps=1)
+    torch.testing.assert_close(w1.float(), m(z, steps=1), atol=0.05, rtol=0.05)

@@ -15,8 +15,7 @@ with rtm-mapping not installed. This file imports rtm_mapping.core only to build
 import sys
 
 import torch
-from torch_utils import misc
-from torch_utils import persistence
+from torch_utils import misc, persistence
 from training import networks
 
 #----------------------------------------------------------------------------

@@ -5,10 +5,12 @@
     setup_training_loop_kwargs()  wraps the official function and applies those options.
 """
 
+import multiprocessing
+
 import click
 import torch
 
-from rtm_mapping import core
+from rtm_mapping import core, metrics
 
 RTM_GENERATOR = 'rtm_mapping.networks.Generator'
 
@@ -59,15 +61,11 @@ def report_resume(copy_params_and_buffers):
 def setup():
     """Called by the patched train.py and calc_metrics.py at import, in every process they spawn."""
     from torch_utils import misc
-    if fix_infinite_sampler():
+    if fix_infinite_sampler() and multiprocessing.current_process().name == 'MainProcess':  # once, not in each worker
         print(f'rtm-mapping: PyTorch {torch.__version__} has no Sampler.__init__(data_source); '
               'gave torch_utils.misc.InfiniteSampler one for this run.')
     if not getattr(misc.copy_params_and_buffers, 'rtm_mapping_wrapped', False):
         misc.copy_params_and_buffers = report_resume(misc.copy_params_and_buffers)
-    try:
-        from rtm_mapping import metrics
-    except ImportError:  # the metrics module is optional for the patch itself
-        return
     metrics.register_metrics()
 
 #----------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""What a user runs, end to end, on a copy of the real checkout (CPU, needs STYLEGAN2_ADA_ROOT):
+dataset_tool.py -> patched train.py --map=rtm -> snapshot -> generate.py, style_mixing.py,
+projector.py -> --resume; and --map=mlp, whose snapshot then resumes into --map=rtm."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from stylegan2_ada_patch.dataset import write_dataset
+
+TRAIN = ['--cfg=cifar', '--fp32=1', '--batch=8', '--workers=1', '--snap=1']
+
+
+def run(cmd, cwd, env=None, timeout=900):
+    out = subprocess.run(cmd, cwd=cwd, env=dict(os.environ, **(env or {})), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f'{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}'
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope='module')
+def workspace(stylegan_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('e2e')
+    root = tmp / 'stylegan2-ada-pytorch'
+    shutil.copytree(stylegan_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig'))
+    run([sys.executable, '-m', 'stylegan2_ada_patch', str(root)], cwd=tmp)
+    write_dataset(str(tmp / 'images'), count=24, resolution=32)
+    run([sys.executable, 'dataset_tool.py', f'--source={tmp / "images"}', f'--dest={tmp / "data.zip"}'], cwd=root)
+    return tmp, root
+
+
+def train(workspace, name, *args):
+    tmp, root = workspace
+    outdir = tmp / name
+    log = run([sys.executable, 'train.py', f'--outdir={outdir}', f'--data={tmp / "data.zip"}', *TRAIN, *args], cwd=root)
+    run_dir, = glob.glob(str(outdir / '*'))
+    return log, run_dir, sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))[-1]
+
+
+@pytest.fixture(scope='module')
+def rtm_run(workspace):
+    return train(workspace, 'rtm', '--map=rtm', '--map-h=4', '--cpu-smoke=16')
+
+
+def test_train_rtm_writes_a_snapshot(rtm_run):
+    log, run_dir, pkl = rtm_run
+    assert 'no Sampler.__init__(data_source)' in log  # the PyTorch 2.x fix, announced once
+    assert log.count('rtm-mapping: PyTorch') == 1
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
+    assert options['G_kwargs']['class_name'] == 'rtm_mapping.networks.Generator'
+    assert options['G_kwargs']['mapping_kwargs']['steps'] == 4
+    assert os.path.basename(run_dir).endswith('-rtmH4L1-cpusmoke')
+    assert os.path.getsize(pkl) > 0 and os.path.isfile(os.path.join(run_dir, 'fakes000000.png'))
+
+
+def images_in(folder):
+    arrays = [np.asarray(PIL.Image.open(p)) for p in sorted(glob.glob(os.path.join(folder, '*.png')))]
+    assert arrays
+    return arrays
+
+
+@pytest.mark.parametrize('trunc', ['1', '0.7'])
+def test_generate_py_on_the_snapshot(workspace, rtm_run, trunc):
+    tmp, root = workspace
+    out = tmp / f'generated-{trunc}'
+    run(['rtm-mapping', 'cpu', 'generate.py', f'--network={rtm_run[2]}', '--seeds=0-2', f'--trunc={trunc}', f'--outdir={out}'], cwd=root)
+    imgs = images_in(out)
+    assert len(imgs) == 3 and all(img.shape == (32, 32, 3) and img.std() > 0 for img in imgs)
+
+
+def test_style_mixing_and_projector_accept_the_snapshot(workspace, rtm_run):
+    from rtm_mapping import detectors
+    tmp, root = workspace
+    run(['rtm-mapping', 'cpu', 'style_mixing.py', f'--network={rtm_run[2]}', '--rows=0,1', '--cols=2,3', '--styles=0-3', f'--outdir={tmp / "mix"}'], cwd=root)
+    assert os.path.isfile(tmp / 'mix' / 'grid.png')
+
+    cache = tmp / 'dnnlib-cache'
+    env = dict(DNNLIB_CACHE_DIR=str(cache))
+    os.environ['DNNLIB_CACHE_DIR'] = str(cache)
+    try:  # no network here: a stand-in VGG16 in the dnnlib download cache (rtm_mapping.detectors)
+        detectors.install('vgg16', detectors.standin('vgg16', str(tmp / 'vgg16-standin.pt')))
+    finally:
+        del os.environ['DNNLIB_CACHE_DIR']
+    target = glob.glob(str(tmp / 'images' / '*' / '*.png'))[0]
+    run(['rtm-mapping', 'cpu', 'projector.py', f'--network={rtm_run[2]}', f'--target={target}', '--num-steps=3',
+         '--save-video=False', f'--outdir={tmp / "proj"}'], cwd=root, env=env)
+    w = np.load(tmp / 'proj' / 'projected_w.npz')['w']
+    assert w.shape[-1] == 512 and np.isfinite(w).all()
+
+
+def test_resume_from_the_rtm_snapshot_continues_silently(workspace, rtm_run):
+    log, run_dir, pkl = train(workspace, 'rtm-resumed', '--map=rtm', '--map-h=4', '--cpu-smoke=8', f'--resume={rtm_run[2]}')
+    assert 'Resuming from' in log and '--resume found no value' not in log and '--resume dropped' not in log
+
+
+def test_mlp_run_then_swap_by_fine_tuning_into_rtm(workspace):
+    log, run_dir, mlp_pkl = train(workspace, 'mlp', '--map=mlp', '--cpu-smoke=8')
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
+    assert options['G_kwargs']['class_name'] == 'training.networks.Generator' and options['G_kwargs']['mapping_kwargs'] == {'num_layers': 2}
+    assert 'rtm-mapping: --resume' not in log
+
+    log, _, _ = train(workspace, 'mlp-to-rtm', '--map=rtm', '--map-h=4', '--cpu-smoke=8', f'--resume={mlp_pkl}')
+    assert 'rtm-mapping: --resume found no value for' in log and 'mapping.rtm.lift.weight' in log
+    assert 'rtm-mapping: --resume dropped' in log and 'mapping.fc0.weight' in log

@@ -12,6 +12,7 @@ COMMANDS = {
     'make-dataset': ('stylegan2_ada_patch.dataset', 'make_dataset', 'Write a small synthetic image dataset zip, to see a run without downloads.'),
     'cpu':          ('stylegan2_ada_patch.cpu',     'cpu',          'Run an official script (generate.py, ...) on the CPU, for smoke tests.'),
     'train':        ('rtm_mapping.configs',         'train',        'Run the patched train.py with a config from training_configs/.'),
+    'detectors':    ('rtm_mapping.detectors',       'detectors',    'Install or list the feature networks the metrics use, for offline machines.'),
     'sweep-h':      ('rtm_mapping.sweep',           'sweep_h',      'Evaluate one RTM pickle at several inference H (Table 4).'),
     'bench':        ('rtm_mapping.bench',           'bench',        'Benchmark RTM against the MLP mapper, side by side.'),
     'swap':         ('rtm_mapping.swap',            'swap',         'Replace the mapper of a pretrained pickle with a distilled RTM.'),
@@ -31,8 +32,8 @@ class _LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def format_commands(self, ctx, formatter):
-        formatter.write_heading('Commands')
-        formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+        with formatter.section('Commands'):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
 
 
 @click.group(cls=_LazyGroup)

@@ -1,0 +1,354 @@
+"""`rtm-mapping swap`, `info` and `set-h`: give a pretrained StyleGAN2-ADA pickle an RTM mapper, describe
+a pickle, and store another inference H in one.
+
+`swap` builds an rtm_mapping.networks.Generator from the old generator's init_kwargs (so the pickle
+records the RTM class and legacy.load_network_pkl(force_fp16=True) rebuilds it), copies the synthesis
+network, w_avg and the label embedding bit for bit, and distils the RTM onto the old mapper of G_ema
+(rtm_mapping/distill.py). G gets the same RTM (its own synthesis network, w_avg and embedding). D, the
+augment pipe and the training-set record are written unchanged. The output pickle embeds core.py and
+networks.py (torch_utils.persistence), so the official tools load it without rtm-mapping.
+"""
+
+import copy
+import json
+import math
+import os
+import pickle
+import time
+from typing import Dict, Optional
+
+import click
+import numpy as np
+import torch
+
+from rtm_mapping import core, distill
+
+NETWORKS = ('G', 'D', 'G_ema')
+
+#----------------------------------------------------------------------------
+# Loading and checks.
+
+def load_pickle(path: str) -> Dict:
+    """legacy.load_network_pkl, with the errors a user can act on."""
+    import legacy
+    if not os.path.isfile(path):
+        raise click.ClickException(f'{path} is not a file; pass a network pickle (network-snapshot-*.pkl).')
+    try:
+        with open(path, 'rb') as f:
+            data = legacy.load_network_pkl(f)
+    except ModuleNotFoundError as err:
+        if 'filtered_lrelu' in str(err) or 'networks_stylegan3' in str(err):
+            raise click.ClickException(f'{path} is a StyleGAN3 pickle; rtm-mapping supports StyleGAN2-ADA pickles only.') from err
+        raise click.ClickException(f'{path} needs a module the StyleGAN2-ADA checkout lacks ({err}); '
+                                   f'is it a StyleGAN2-ADA pickle, loaded with STYLEGAN2_ADA_ROOT set to that checkout?') from err
+    except KeyError as err:
+        if err.args and err.args[0] in NETWORKS:
+            raise click.ClickException(f'{path} has no {err.args[0]}; pass a snapshot written by train.py (a dict with G, D and G_ema).') from err
+        raise click.ClickException(f'{path} is not a StyleGAN2-ADA network pickle (KeyError: {err}); '
+                                   f'pass a snapshot written by train.py (a dict with G, D and G_ema).') from err
+    except (AssertionError, TypeError, pickle.UnpicklingError) as err:
+        raise click.ClickException(f'{path} is not a StyleGAN2-ADA network pickle ({type(err).__name__}: {err}); '
+                                   f'pass a snapshot written by train.py (a dict with G, D and G_ema).') from err
+    if not isinstance(data, dict) or not isinstance(data.get('G_ema'), torch.nn.Module):
+        raise click.ClickException(f'{path} has no G_ema; pass a snapshot written by train.py (a dict with G, D and G_ema).')
+    for name in NETWORKS:
+        if is_stylegan3(data.get(name)):
+            raise click.ClickException(f'{path} is a StyleGAN3 pickle; rtm-mapping supports StyleGAN2-ADA pickles only.')
+    return data
+
+
+def is_stylegan3(net) -> bool:
+    """StyleGAN3's networks (networks_stylegan3.py and its networks_stylegan2.py) take update_emas,
+    where StyleGAN2-ADA's take skip_w_avg_update."""
+    src = getattr(net, '_orig_module_src', '') or ''
+    return 'update_emas' in src
+
+
+def mapper_kind(G) -> str:
+    mapping = getattr(G, 'mapping', None)
+    if mapping is None:
+        return 'none'
+    if isinstance(getattr(mapping, 'rtm', None), torch.nn.Module):
+        return 'rtm'
+    return 'mlp'
+
+
+def check_output_path(out: str, inputs) -> None:
+    """Refuse to write over an input pickle."""
+    for path in inputs:
+        if os.path.abspath(out) == os.path.abspath(path) or (os.path.exists(out) and os.path.samefile(out, path)):
+            raise click.ClickException(f'--out {out} is the input pickle; give another path (the input is never overwritten).')
+
+#----------------------------------------------------------------------------
+# Building the RTM generator.
+
+def rtm_generator_kwargs(G_old, steps: int) -> Dict:
+    """init_kwargs of the RTM Generator: the old ones, the MLP depth replaced by the RTM's options
+    (as train.py --map=rtm writes them)."""
+    kwargs = copy.deepcopy(dict(G_old.init_kwargs))
+    mapping_kwargs = dict(kwargs.get('mapping_kwargs') or {})
+    mapping_kwargs.pop('num_layers', None)
+    mapping_kwargs.update(steps=steps, inner_steps=core.DEFAULTS['inner_steps'], block=core.DEFAULTS['block'],
+                          tokens=core.DEFAULTS['tokens'], token_dim=core.DEFAULTS['token_dim'])
+    kwargs['mapping_kwargs'] = mapping_kwargs
+    return kwargs
+
+
+def build_rtm_generator(G_old, steps: int, seed: int = 0):
+    """A new rtm_mapping.networks.Generator with every tensor of G_old but the MLP layers copied;
+    the RTM is initialised from `seed` (the global RNG is left as it was)."""
+    from torch_utils import misc
+
+    from rtm_mapping import networks
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        G = networks.Generator(**rtm_generator_kwargs(G_old, steps)).eval().requires_grad_(False)
+    old = {name for name, _ in misc.named_params_and_buffers(G_old)}
+    new = {name for name, _ in misc.named_params_and_buffers(G)}
+    skipped = sorted(n for n in old - new if not n.startswith('mapping.fc'))
+    if skipped:
+        raise click.ClickException(f'the generator has tensors that the RTM generator lacks ({", ".join(skipped[:4])}); '
+                                   f'is it a stock StyleGAN2-ADA generator?')
+    with torch.no_grad():
+        misc.copy_params_and_buffers(G_old, G, require_all=False)
+    return G
+
+#----------------------------------------------------------------------------
+# Evaluation on fixed seeds.
+
+def seed_inputs(G, num_seeds: int):
+    """z for seeds 0..num_seeds-1 as generate.py draws them; class seed % c_dim for a conditional model."""
+    z = torch.from_numpy(np.stack([np.random.RandomState(seed).randn(G.z_dim) for seed in range(num_seeds)])).float()
+    c = torch.zeros([num_seeds, G.c_dim])
+    if G.c_dim > 0:
+        c[torch.arange(num_seeds), torch.arange(num_seeds) % G.c_dim] = 1
+    return z, c
+
+
+def to_uint8_range(img: torch.Tensor) -> torch.Tensor:
+    """generate.py's conversion to [0, 255], without the rounding."""
+    return (img * 127.5 + 128).clamp(0, 255)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of two [N, C, H, W] batches in [0, 255]."""
+    mse = (a - b).square().flatten(1).mean(dim=1).clamp(min=1e-10)
+    return 10 * torch.log10(255 ** 2 / mse)
+
+
+class Evaluator:
+    """Relative w error and image PSNR of a student mapper against the teacher's, on fixed seeds.
+
+    Relative w error: ||w_student - w_teacher|| / ||w_teacher - mean(w_teacher)|| over all seeds
+    (1 = no better than predicting the mean w)."""
+
+    def __init__(self, G_teacher, num_seeds: int, batch: int = 16):
+        self.G = G_teacher
+        self.batch = batch
+        self.z, self.c = seed_inputs(G_teacher, num_seeds)
+        with torch.no_grad():
+            self.w = G_teacher.mapping(self.z, self.c)[:, 0]
+            self.images = self.synthesize(self.w)
+        self.spread = (self.w - self.w.mean(dim=0)).norm().item()
+
+    def synthesize(self, w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ws = w.unsqueeze(1).repeat([1, self.G.num_ws, 1])
+            return torch.cat([to_uint8_range(self.G.synthesis(ws[i:i + self.batch], noise_mode='const'))
+                              for i in range(0, len(ws), self.batch)])
+
+    def w_error(self, w: torch.Tensor) -> float:
+        return (w - self.w).norm().item() / self.spread
+
+    def figures(self, w: torch.Tensor, images: bool = True) -> Dict:
+        out = dict(rel_w_error=self.w_error(w))
+        if images:
+            p = psnr(self.synthesize(w), self.images)
+            out.update(psnr_median=p.median().item(), psnr_min=p.min().item())
+        return out
+
+    def student_w(self, mapping) -> torch.Tensor:
+        with torch.no_grad():
+            return mapping.rtm(distill.mapper_input(mapping, self.z, self.c))
+
+
+def save_grid(rows, path: str) -> None:
+    """PNG grid: one row per [N, C, H, W] batch in [0, 255], images side by side."""
+    import PIL.Image
+    grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)     # [C, rows*H, N*W]
+    array = grid.round().to(torch.uint8).permute(1, 2, 0).numpy()
+    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, 'L' if array.shape[2] == 1 else 'RGB').save(path)
+
+#----------------------------------------------------------------------------
+
+def _default_grid(out: str) -> str:
+    return os.path.splitext(out)[0] + '-grid.png'
+
+
+@click.command()
+@click.option('network_pkl', '--network', type=click.Path(exists=True, dir_okay=False), required=True, metavar='PKL',
+              help='Pretrained StyleGAN2-ADA pickle (MLP mapper).')
+@click.option('--out', type=click.Path(dir_okay=False), required=True, metavar='PKL', help='Output pickle (never the input).')
+@click.option('--map-h', type=click.IntRange(min=1), default=core.DEFAULTS['steps'], show_default=True, metavar='INT',
+              help='RTM refinement steps H stored in the pickle (set-h changes it later).')
+@click.option('--distill-kimg', type=click.FloatRange(min=0), default=distill.DEFAULTS['kimg'], show_default=True, metavar='KIMG',
+              help='Thousands of (z, c) samples to distil on; 0 = least-squares initialisation only.')
+@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, help='Seed of the distillation samples.')
+@click.option('--eval-seeds', type=click.IntRange(min=1), default=64, show_default=True, metavar='INT',
+              help='Seeds 0..N-1 (generate.py draws) for the report and the grid.')
+@click.option('--grid', type=click.Path(dir_okay=False), default=None, metavar='PNG',
+              help='Image grid, originals above swapped (first 16 seeds) [default: OUT without .pkl + -grid.png].')
+@click.option('--stylegan', type=click.Path(file_okay=False), default=None, metavar='PATH',
+              help='StyleGAN2-ADA checkout [default: $STYLEGAN2_ADA_ROOT, else the current folder].')
+def swap(network_pkl: str, out: str, map_h: int, distill_kimg: float, seed: int, eval_seeds: int, grid: Optional[str], stylegan: Optional[str]):
+    """Replace the MLP mapper of G and G_ema in a pretrained pickle with an RTM distilled onto it.
+
+    \b
+    Example:
+      rtm-mapping swap --network=network-snapshot.pkl --out=rtm.pkl
+      python train.py --resume=rtm.pkl ...          # fine-tune with the RTM mapper
+    """
+    from stylegan2_ada_patch import checkout
+    checkout.use(stylegan)
+    grid = grid or _default_grid(out)
+    check_output_path(out, [network_pkl])
+    check_output_path(grid, [network_pkl])
+    data = load_pickle(network_pkl)
+    for name in ('G', 'G_ema'):
+        if name in data and mapper_kind(data[name]) == 'rtm':
+            raise click.ClickException(f'{network_pkl} already has an RTM mapper; use `rtm-mapping set-h` to change its H, '
+                                       f'or pass a pickle with the MLP mapper.')
+        if name in data and mapper_kind(data[name]) != 'mlp':
+            raise click.ClickException(f'{name} in {network_pkl} has no mapping network; pass a StyleGAN2-ADA generator pickle.')
+    torch.set_grad_enabled(True)
+    start = time.time()
+
+    G_old = data['G_ema']
+    teacher = G_old.mapping
+    G_ema = build_rtm_generator(G_old, map_h, seed)
+    G_ema.mapping.rtm.set_steps(steps=map_h)
+    evaluator = Evaluator(G_old, eval_seeds)
+    sampler = distill.Sampler(G_old.z_dim, G_old.c_dim, seed + 1)      # a different stream from the distillation's
+    floor = distill.linear_floor(sampler, lambda z, c: teacher(z, c)[:, 0], G_ema.mapping, samples=max(8192, 8 * G_old.z_dim))
+    x = distill.mapper_input(G_ema.mapping, evaluator.z, evaluator.c)
+    floor_w = torch.cat([x, torch.ones([len(x), 1])], dim=1) @ floor
+    floor_figures = evaluator.figures(floor_w)
+
+    total = max(1, math.ceil(distill_kimg * 1000 / distill.DEFAULTS['batch']))
+    with click.progressbar(length=total, label=f'Distilling {distill_kimg:g} kimg', show_eta=True, show_pos=True) as bar:
+        def progress(step, steps, loss):
+            bar.update(1)
+        distill.distill(G_ema.mapping, lambda z, c: teacher(z, c)[:, 0], kimg=distill_kimg, seed=seed, progress=progress)
+    figures = evaluator.figures(evaluator.student_w(G_ema.mapping))
+    elapsed = time.time() - start
+
+    result = dict(data)
+    result['G_ema'] = G_ema
+    if 'G' in data:
+        G = build_rtm_generator(data['G'], map_h, seed)
+        with torch.no_grad():
+            for dst, src in zip(G.mapping.rtm.parameters(), G_ema.mapping.rtm.parameters()):
+                dst.copy_(src)
+        result['G'] = G
+    with open(out, 'wb') as f:
+        pickle.dump(result, f)
+
+    n = min(16, eval_seeds)
+    save_grid([evaluator.images[:n], evaluator.synthesize(evaluator.student_w(G_ema.mapping)[:n])], grid)
+    report = dict(network=network_pkl, out=out, grid=grid, map_h=map_h, distill_kimg=distill_kimg, seed=seed, eval_seeds=eval_seeds,
+                  seconds=round(elapsed, 1), swapped=figures, linear_floor=floor_figures)
+    click.echo(f'On seeds 0..{eval_seeds - 1}: relative w error {figures["rel_w_error"]:.4f} '
+               f'(linear least-squares floor {floor_figures["rel_w_error"]:.4f}), '
+               f'median PSNR {figures["psnr_median"]:.2f} dB (floor {floor_figures["psnr_median"]:.2f} dB), '
+               f'worst {figures["psnr_min"]:.2f} dB.')
+    click.echo(json.dumps(report))
+    click.echo(f'Wrote {out} and {grid} in {elapsed:.0f} s.')
+
+#----------------------------------------------------------------------------
+
+def describe(data: Dict) -> Dict:
+    """Facts about each network of a pickle: mapper kind, RTM options, parameter count, w_avg."""
+    facts = {}
+    for name, value in data.items():
+        if not isinstance(value, torch.nn.Module):
+            facts[name] = dict(type=type(value).__name__) if value is not None else None
+            continue
+        entry = dict(cls=type(value).__name__, params=sum(p.numel() for p in value.parameters()))
+        mapping = getattr(value, 'mapping', None)
+        if name.startswith('G') and mapping is not None:
+            entry['mapper'] = mapper_kind(value)
+            entry['mapper_params'] = sum(p.numel() for p in mapping.parameters())
+            if entry['mapper'] == 'rtm':
+                rtm = mapping.rtm
+                entry.update(H=rtm.steps, L=rtm.inner_steps, block=rtm.block_name, tokens=rtm.tokens, token_dim=rtm.token_dim,
+                             grad_steps=rtm.grad_steps, stored_H=(value.init_kwargs.get('mapping_kwargs') or {}).get('steps'))
+            else:
+                entry['layers'] = getattr(mapping, 'num_layers', None)
+            w_avg = getattr(mapping, 'w_avg', None)
+            entry['w_avg_finite'] = None if w_avg is None else bool(torch.isfinite(w_avg).all())
+        facts[name] = entry
+    return facts
+
+
+@click.command()
+@click.argument('network_pkl', type=click.Path(exists=True, dir_okay=False), metavar='PKL')
+@click.option('--json', 'as_json', is_flag=True, help='Print the facts as JSON.')
+@click.option('--stylegan', type=click.Path(file_okay=False), default=None, metavar='PATH',
+              help='StyleGAN2-ADA checkout [default: $STYLEGAN2_ADA_ROOT, else the current folder].')
+def info(network_pkl: str, as_json: bool, stylegan: Optional[str]):
+    """Describe the networks of a pickle: mapper kind, H, L, block, parameters, w_avg."""
+    from stylegan2_ada_patch import checkout
+    checkout.use(stylegan)
+    facts = describe(load_pickle(network_pkl))
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    for name, entry in facts.items():
+        if entry is None or 'cls' not in entry:
+            click.echo(f'{name}: {"None" if entry is None else entry["type"]}')
+            continue
+        line = f'{name}: {entry["cls"]}, {entry["params"]:,} parameters'
+        if 'mapper' in entry:
+            if entry['mapper'] == 'rtm':
+                line += (f'; mapper rtm (H={entry["H"]}, L={entry["L"]}, block={entry["block"]}, '
+                         f'{entry["tokens"]}x{entry["token_dim"]} tokens, {entry["mapper_params"]:,} parameters)')
+            else:
+                line += f'; mapper {entry["mapper"]} ({entry["layers"]} layers, {entry["mapper_params"]:,} parameters)'
+            line += f'; w_avg finite: {entry["w_avg_finite"]}'
+        click.echo(line)
+
+#----------------------------------------------------------------------------
+
+def store_steps(G, steps: int) -> None:
+    """Set the inference H of an RTM generator, in the live RTM and in the init_kwargs that
+    legacy.load_network_pkl(force_fp16=True) rebuilds it from."""
+    G.mapping.rtm.set_steps(steps=steps)
+    mapping_kwargs = dict(G._init_kwargs.get('mapping_kwargs') or {})
+    mapping_kwargs['steps'] = steps
+    G._init_kwargs['mapping_kwargs'] = mapping_kwargs
+    if 'steps' in getattr(G.mapping, '_init_kwargs', {}):
+        G.mapping._init_kwargs['steps'] = steps
+
+
+@click.command()
+@click.argument('network_pkl', type=click.Path(exists=True, dir_okay=False), metavar='PKL')
+@click.option('--h', 'steps', type=click.IntRange(min=1), required=True, metavar='INT', help='Inference refinement steps H.')
+@click.option('--out', type=click.Path(dir_okay=False), required=True, metavar='PKL', help='Output pickle (never the input).')
+@click.option('--stylegan', type=click.Path(file_okay=False), default=None, metavar='PATH',
+              help='StyleGAN2-ADA checkout [default: $STYLEGAN2_ADA_ROOT, else the current folder].')
+def set_h(network_pkl: str, steps: int, out: str, stylegan: Optional[str]):
+    """Store another inference H in an RTM pickle, for generate.py and calc_metrics.py to use unchanged."""
+    from stylegan2_ada_patch import checkout
+    checkout.use(stylegan)
+    check_output_path(out, [network_pkl])
+    data = load_pickle(network_pkl)
+    names = [name for name in ('G', 'G_ema') if name in data]
+    if any(mapper_kind(data[name]) != 'rtm' for name in names):
+        raise click.ClickException(f'{network_pkl} has an MLP mapper; run `rtm-mapping swap` first, then set-h on its output.')
+    for name in names:
+        store_steps(data[name], steps)
+    with open(out, 'wb') as f:
+        pickle.dump(data, f)
+    click.echo(f'Wrote {out} with H = {steps} (was trained or distilled at another H: quality may differ; see sweep-h).')
+
+#----------------------------------------------------------------------------

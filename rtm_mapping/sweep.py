@@ -39,21 +39,6 @@ def parse_metrics(text: str) -> List[str]:
 
 
 @contextlib.contextmanager
-def cpu_without_pinned_memory(device: torch.device):
-    """The official metric code pins label tensors with Tensor.pin_memory(), which raises on a machine
-    without an accelerator. For a CPU run there, make it return the tensor itself, for this block only."""
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, 'accelerator') else torch.cuda.is_available()
-    if device.type != 'cpu' or has_accelerator or 'pin_memory' in vars(torch.Tensor):
-        yield
-        return
-    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        del torch.Tensor.pin_memory
-
-
-@contextlib.contextmanager
 def official_cuda_flags(device: torch.device):
     """calc_metrics.py's numerics on CUDA: cuDNN benchmark on, TF32 off; restored afterwards."""
     if device.type != 'cuda':
@@ -97,11 +82,14 @@ def run_sweep(G, metrics: List[str], steps: List[int], dataset_kwargs: Dict, dev
     """
     from metrics import metric_main, metric_utils
 
+    if device.type == 'cpu' and not torch.cuda.is_available():
+        from stylegan2_ada_patch import cpu
+        cpu.use_cpu()  # the metric code pins label tensors, which needs an accelerator
     rtm = G.mapping.rtm
     native = rtm.steps
     rows = []
     try:
-        with cpu_without_pinned_memory(device), official_cuda_flags(device):
+        with official_cuda_flags(device):
             for h in steps:
                 rtm.set_steps(steps=h)
                 row = dict(h=h, native=(h == native), results=dict(), seconds=dict())

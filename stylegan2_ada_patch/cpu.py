@@ -16,17 +16,14 @@ import torch
 
 #----------------------------------------------------------------------------
 
-class _Unpinned:
-    """A tensor whose pin_memory() is a no-op (pinning needs an accelerator)."""
+class _CpuTensor(torch.Tensor):
+    """What CPU_TORCH.from_numpy returns: pin_memory() is a no-op (pinning needs an accelerator),
+    and every operation on it gives back a plain tensor."""
 
-    def __init__(self, tensor):
-        self._tensor = tensor
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
-    def pin_memory(self):
-        return self._tensor
-
-    def __getattr__(self, name):
-        return getattr(self._tensor, name)
+    def pin_memory(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
 
 
 class _Event:
@@ -68,7 +65,7 @@ class _CpuTorch(types.ModuleType):
         super().__init__('torch')
         self.device = _device
         self.cuda = _CPU_CUDA
-        self.from_numpy = lambda array: _Unpinned(torch.from_numpy(array))
+        self.from_numpy = lambda array: torch.from_numpy(array).as_subclass(_CpuTensor)
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -78,8 +75,9 @@ CPU_TORCH = _CpuTorch()
 
 
 def use_cpu(*modules):
-    """Make the given official modules see CPU_TORCH as `torch`."""
-    for module in modules:
+    """Make the given official modules, and the metric code they call, see CPU_TORCH as `torch`."""
+    from metrics import metric_utils, perceptual_path_length
+    for module in (*modules, metric_utils, perceptual_path_length):
         module.torch = CPU_TORCH
 
 #----------------------------------------------------------------------------

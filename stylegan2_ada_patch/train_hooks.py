@@ -1,7 +1,7 @@
 """What a patched StyleGAN2-ADA train.py calls (see stylegan2_ada_patch/patcher.py for the lines).
 
     setup()                       at import: PyTorch 2.x fix, extra metrics, --resume report.
-    mapping_options               click options --map, --map-h, --map-l, ... and --cpu-smoke.
+    mapping_options               click options --map, --map-h, --map-l, ... and --smoke.
     setup_training_loop_kwargs()  wraps the official function and applies those options.
 """
 
@@ -79,7 +79,7 @@ MAPPING_OPTIONS = [
     click.option('--map-tokens', help=f'RTM number of tokens [default: {core.DEFAULTS["tokens"]}]', type=click.IntRange(min=1), metavar='INT'),
     click.option('--map-token-dim', help=f'RTM channels per token [default: {core.DEFAULTS["token_dim"]}]', type=click.IntRange(min=1), metavar='INT'),
     click.option('--map-depth', help='Number of MLP mapping layers with --map=mlp [default: from --cfg]', type=click.IntRange(min=1), metavar='INT'),
-    click.option('--cpu-smoke', help='Smoke test without a GPU: train this many images on the CPU, then stop [default: off]',
+    click.option('--smoke', help='Smoke test: train this many images, snapshot, stop; on the CPU if there is no GPU [default: off]',
                  type=click.IntRange(min=1), metavar='IMAGES'),
 ]
 
@@ -127,36 +127,39 @@ def apply_mapping_options(desc, args, map_kind=None, map_h=None, map_l=None, map
     return desc
 
 
-def apply_cpu_smoke(desc, args, images, metrics_given):
-    """Run the official loop on the CPU for `images` images: CUDA calls answered for the CPU inside
-    training_loop, fp32, one tick, a snapshot at the end, a 4x4 image grid, no metrics unless asked."""
+def apply_smoke(desc, args, images, metrics_given):
+    """Run `images` images in one tick, write a snapshot and stop, with a 4x4 image grid and no metrics
+    unless asked. Without CUDA, the official loop runs on the CPU (CUDA calls answered for the CPU
+    inside training_loop, fp32): this checks the pipeline; it is not training."""
     from training import training_loop
 
     from stylegan2_ada_patch import cpu
-    if args.num_gpus != 1:
-        raise click.UsageError('--cpu-smoke runs one process: use --gpus=1.')
-    cpu.use_cpu(training_loop)
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and args.num_gpus != 1:
+        raise click.UsageError('--smoke without CUDA runs on the CPU in one process: use --gpus=1.')
     training_loop.setup_snapshot_image_grid = cpu.small_snapshot_grid(training_loop.setup_snapshot_image_grid)
-    args.G_kwargs.synthesis_kwargs.num_fp16_res = args.D_kwargs.num_fp16_res = 0
-    args.G_kwargs.synthesis_kwargs.conv_clamp = args.D_kwargs.conv_clamp = None
     args.total_kimg = args.kimg_per_tick = images / 1000
     args.image_snapshot_ticks = args.network_snapshot_ticks = 1
-    args.data_loader_kwargs.pin_memory = False
     if not metrics_given:
         args.metrics = []
-    print(f'rtm-mapping: CPU smoke mode: {images} images on the CPU, fp32, one tick, small snapshot grid'
+    if on_cpu:
+        cpu.use_cpu(training_loop)
+        args.G_kwargs.synthesis_kwargs.num_fp16_res = args.D_kwargs.num_fp16_res = 0
+        args.G_kwargs.synthesis_kwargs.conv_clamp = args.D_kwargs.conv_clamp = None
+        args.data_loader_kwargs.pin_memory = False
+    print(f'rtm-mapping: smoke mode: {images} images on the {"CPU (no CUDA), fp32" if on_cpu else "GPU"}, one tick, small snapshot grid'
           f'{"" if metrics_given else ", no metrics"}. This checks the pipeline; it is not training.')
-    return desc + '-cpusmoke'
+    return desc + ('-cpusmoke' if on_cpu else '-smoke')
 
 
 def setup_training_loop_kwargs(official, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None,
-                               map_token_dim=None, map_depth=None, cpu_smoke=None, **config_kwargs):
+                               map_token_dim=None, map_depth=None, smoke=None, **config_kwargs):
     """train.py's setup_training_loop_kwargs(), then the rtm-mapping options on top."""
     desc, args = official(**config_kwargs)
     desc = apply_mapping_options(desc, args, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
                                  map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth)
-    if cpu_smoke is not None:
-        desc = apply_cpu_smoke(desc, args, cpu_smoke, metrics_given=config_kwargs.get('metrics') is not None)
+    if smoke is not None:
+        desc = apply_smoke(desc, args, smoke, metrics_given=config_kwargs.get('metrics') is not None)
     return desc, args
 
 #----------------------------------------------------------------------------

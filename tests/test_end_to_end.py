@@ -45,7 +45,7 @@ def train(workspace, name, *args):
 
 @pytest.fixture(scope='module')
 def rtm_run(workspace):
-    return train(workspace, 'rtm', '--map=rtm', '--map-h=4', '--cpu-smoke=16')
+    return train(workspace, 'rtm', '--map=rtm', '--map-h=4', '--smoke=16')
 
 
 def test_train_rtm_writes_a_snapshot(rtm_run):
@@ -95,16 +95,16 @@ def test_style_mixing_and_projector_accept_the_snapshot(workspace, rtm_run):
 
 
 def test_resume_from_the_rtm_snapshot_continues_silently(workspace, rtm_run):
-    log, run_dir, pkl = train(workspace, 'rtm-resumed', '--map=rtm', '--map-h=4', '--cpu-smoke=8', f'--resume={rtm_run[2]}')
+    log, run_dir, pkl = train(workspace, 'rtm-resumed', '--map=rtm', '--map-h=4', '--smoke=8', f'--resume={rtm_run[2]}')
     assert 'Resuming from' in log and '--resume found no value' not in log and '--resume dropped' not in log
 
 
 def test_mlp_run_then_swap_by_fine_tuning_into_rtm(workspace):
-    log, run_dir, mlp_pkl = train(workspace, 'mlp', '--map=mlp', '--cpu-smoke=8')
+    log, run_dir, mlp_pkl = train(workspace, 'mlp', '--map=mlp', '--smoke=8')
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
     assert options['G_kwargs']['class_name'] == 'training.networks.Generator' and options['G_kwargs']['mapping_kwargs'] == {'num_layers': 2}
     assert 'rtm-mapping: --resume' not in log
 
-    log, _, _ = train(workspace, 'mlp-to-rtm', '--map=rtm', '--map-h=4', '--cpu-smoke=8', f'--resume={mlp_pkl}')
+    log, _, _ = train(workspace, 'mlp-to-rtm', '--map=rtm', '--map-h=4', '--smoke=8', f'--resume={mlp_pkl}')
     assert 'rtm-mapping: --resume found no value for' in log and 'mapping.rtm.lift.weight' in log
     assert 'rtm-mapping: --resume dropped' in log and 'mapping.fc0.weight' in log

@@ -1,0 +1,149 @@
+"""`rtm-mapping bench`: the FLOP count against a hand count, the memory probe, and the command end to end.
+Nothing here asserts a timing: machines are noisy, so the targets are printed, not tested."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rtm_mapping import bench, core
+from rtm_mapping.cli import main
+from rtm_mapping.core import RecursiveTokenMapper
+
+# Hand counts at z_dim = w_dim = 512, 2 FLOPs per multiply-add.
+# MLP: one 512 x 512 matrix per layer.
+MLP_LAYER = 2 * 512 * 512                                   # 524,288
+# RTM default (4 tokens x 128, SwiGLU expansion 4): token SwiGLU hidden round(2/3 * 4 * 4) = 11,
+# channel SwiGLU hidden round(2/3 * 4 * 128) = 341.
+TOKEN_MLP = 2 * (4 * 2 * 11 + 11 * 4)                       # per channel: gate_up 4 -> 22, down 11 -> 4
+CHANNEL_MLP = 2 * (128 * 2 * 341 + 341 * 128)               # per token: gate_up 128 -> 682, down 341 -> 128
+BLOCK = 128 * TOKEN_MLP + 4 * CHANNEL_MLP                   # 1,081,344
+RTM_DEFAULT = 2 * MLP_LAYER + 16 * 2 * BLOCK                # lift + readout + H (L + 1) = 32 blocks
+
+
+def test_flops_of_mlps_match_hand_count():
+    assert bench.mapper_flops(bench.ReferenceMLP(512, 512, 2)) == 2 * MLP_LAYER == 1_048_576
+    assert bench.mapper_flops(bench.ReferenceMLP(512, 512, 8)) == 8 * MLP_LAYER == 4_194_304
+
+
+def test_flops_of_default_rtm_match_hand_count():
+    rtm = RecursiveTokenMapper(512, 512)
+    assert (rtm.steps, rtm.inner_steps) == (16, 1)
+    assert bench.mapper_flops(rtm) == RTM_DEFAULT == 35_651_584
+
+
+def test_flops_follow_steps_and_inner_steps():
+    rtm = RecursiveTokenMapper(512, 512)
+    rtm.set_steps(steps=8, inner_steps=2)
+    assert bench.mapper_flops(rtm) == 2 * MLP_LAYER + 8 * 3 * BLOCK
+
+
+def test_flops_of_attention_block_match_hand_count():
+    # 2 tokens x 8 channels, 1 step: lift 6 -> 16, block twice, readout 16 -> 5. Channel SwiGLU hidden round(2/3 * 2 * 8) = 11.
+    rtm = RecursiveTokenMapper(6, 5, tokens=2, token_dim=8, steps=1, block='attention', heads=2, expansion=2.0)
+    per_token = 2 * (8 * 24 + 8 * 8 + 8 * 22 + 11 * 8)         # qkv, out, gate_up, down
+    attention = 2 * 2 * (2 * 2 * 8)                            # q k^T and a v
+    assert bench.mapper_flops(rtm) == 2 * 6 * 16 + 2 * (2 * per_token + attention) + 2 * 16 * 5
+
+
+def test_reference_mlp_is_the_official_layer_stack():
+    # PixelNorm, then equalized-lr linear + lrelu(0.2) * sqrt(2) per layer: check one layer by hand.
+    mlp = bench.ReferenceMLP(16, 16, 1)
+    z = torch.randn(3, 16)
+    layer = mlp.layers[0]
+    x = core.pixel_norm(z) @ (layer.weight * layer.weight_gain).t() + layer.bias * layer.bias_gain
+    torch.testing.assert_close(mlp(z), torch.nn.functional.leaky_relu(x, 0.2) * 2 ** 0.5)
+
+
+def test_saved_bytes_short_gradient_does_not_grow_with_steps():
+    # The paper's memory claim (§3.2): only the last step keeps autograd state.
+    z = torch.randn(8, 32)
+    saved = {}
+    for steps, grad_steps in [(1, 1), (6, 1), (6, 6)]:
+        m = RecursiveTokenMapper(32, 32, tokens=4, token_dim=16, steps=steps, grad_steps=grad_steps)
+        kept = list(m.parameters()) + list(m.buffers())
+        saved[steps, grad_steps] = bench.saved_tensor_bytes(lambda m=m: m(z).sum(), kept)
+    assert saved[6, 1] == saved[1, 1] > 0
+    assert saved[6, 6] > 4 * saved[1, 1]
+
+
+def test_saved_bytes_counts_a_storage_once_and_skips_parameters():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    x = torch.randn(4, 4, requires_grad=True)
+    y = x * 2                                   # y is saved by both products below; w is excluded
+    assert bench.saved_tensor_bytes(lambda: (y * w).sum() + (y * w).sum(), [w]) == y.numel() * 4
+
+
+def test_time_interleaved_alternates_order():
+    calls = []
+    times = bench.time_interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
+                                   repeats=3, warmup=1, device=torch.device('cpu'))
+    assert calls == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b']
+    assert set(times) == {'a', 'b'} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+
+
+def test_paired_overhead_cancels_drifting_load():
+    # The machine slows down 10x mid-run; RTM is 1% slower than MLP in every pair.
+    times = {'MLP': [1.0, 10.0, 10.0], 'RTM': [1.01, 10.1, 10.1]}
+    assert bench.paired_overhead(times, 'RTM', 'MLP') == pytest.approx(0.01)
+
+
+def _run_quick(tmp_path, *args):
+    out = tmp_path / 'bench.json'
+    result = CliRunner().invoke(main, ['bench', '--quick', '--out', str(out), *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result, json.loads(out.read_text())
+
+
+def test_bench_quick_without_checkout_writes_json(tmp_path, monkeypatch):
+    monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    result, data = _run_quick(tmp_path, '--part', 'mapper', '--part', 'memory', '--part', 'generator')
+    assert {'meta', 'mapper', 'memory', 'flops', 'targets', 'ratios', 'notes'} <= set(data)
+    assert 'generator' not in data and 'skipped' in data['notes'][0]
+    meta = data['meta']
+    assert meta['command'].startswith('rtm-mapping bench') and '--quick' in meta['command']
+    assert meta['machine']['torch'] == torch.__version__ and meta['device'] == 'cpu'
+    assert isinstance(meta['flush_denormal'], bool)
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0, 'the command must leave denormals as it found them'
+    names = [r['name'] for r in data['mapper']['rows']]
+    assert names == ['MLP 2 layers', 'MLP 8 layers'] + [f'RTM H={h}' for h in bench.SWEEP_H]
+    assert data['mapper']['baseline'] == 'rtm_mapping.bench.ReferenceMLP'
+    assert data['flops']['RTM H=16'] == RTM_DEFAULT and data['flops']['MLP 2 layers'] == 2 * MLP_LAYER
+    for row in data['mapper']['rows']:
+        assert row['forward_ms'] > 0 and row['forward_backward_ms'] > 0 and row['time_per_flop_vs_mlp8'] > 0
+    assert [r['name'] for r in data['memory']['rows']] == ['RTM H=1', 'RTM H=16', 'RTM H=16, full backpropagation']
+    assert data['memory']['rows'][1]['vs_h1'] == pytest.approx(1.0)
+    assert data['memory']['rows'][2]['vs_h1'] > 2
+    assert set(data['ratios']) == {t['name'] for t in data['targets']} and len(data['targets']) == 3
+    assert '| RTM H=16 (default) |' in result.output and 'Targets (issue 5)' in result.output
+
+
+def test_bench_cuda_without_gpu_says_what_to_do(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present')
+    result = CliRunner().invoke(main, ['bench', '--quick', '--device', 'cuda', '--out', str(tmp_path / 'b.json')])
+    assert result.exit_code != 0 and '--device cpu' in result.output
+
+
+def test_flops_of_official_and_rtm_mapping_networks(stylegan_root):
+    from training import networks as official
+
+    from rtm_mapping import networks
+    mlp = official.MappingNetwork(z_dim=512, c_dim=0, w_dim=512, num_ws=None, num_layers=2)
+    rtm = networks.MappingNetwork(z_dim=512, c_dim=0, w_dim=512, num_ws=None)
+    assert bench.mapper_flops(mlp) == 2 * MLP_LAYER
+    assert bench.mapper_flops(rtm) == RTM_DEFAULT
+
+
+def test_bench_quick_with_checkout_measures_generators(tmp_path, stylegan_root):
+    _, data = _run_quick(tmp_path, '--stylegan', stylegan_root, '--part', 'generator', '--config', 'cifar')
+    assert data['meta']['stylegan'] == stylegan_root
+    cifar = data['generator']['cifar']
+    assert cifar['settings']['shrunk'] and cifar['settings']['num_fp16_res'] == 0
+    assert [r['mapper'] for r in cifar['rows']] == ['MLP', 'RTM']
+    assert cifar['rows'][1]['mapper_flops_per_sample'] == RTM_DEFAULT
+    assert all(r['forward_ms_per_image'] > 0 and r['train_step_ms_per_image'] > 0 for r in cifar['rows'])
+    overhead = [t for t in data['targets'] if t['name'].startswith('generator forward overhead')]
+    assert len(overhead) == 1 and overhead[0]['met'] is None      # shrunk: not at the target's settings
+    assert data['flops']['RTM H=16'] == RTM_DEFAULT and data['flops']['MLP 8 layers'] == 8 * MLP_LAYER

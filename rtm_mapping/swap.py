@@ -139,8 +139,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Evaluator:
     """Relative w error and image PSNR of a student mapper against the teacher's, on fixed seeds.
 
-    Relative w error: ||w_student - w_teacher|| / ||w_teacher - mean(w_teacher)|| over all seeds
-    (1 = no better than predicting the mean w)."""
+    Relative w error (centered): ||w_student - w_teacher|| / ||w_teacher - mean(w_teacher)|| over all seeds
+    (1 = no better than predicting the mean w). Uncentered: ||w_student - w_teacher|| / ||w_teacher||, smaller
+    by the share of the mean w in ||w_teacher||."""
 
     def __init__(self, G_teacher, num_seeds: int, batch: int = 16):
         self.G = G_teacher
@@ -161,7 +162,7 @@ class Evaluator:
         return (w - self.w).norm().item() / self.spread
 
     def figures(self, w: torch.Tensor, images: bool = True) -> Dict:
-        out = dict(rel_w_error=self.w_error(w))
+        out = dict(rel_w_error=self.w_error(w), rel_w_error_uncentered=(w - self.w).norm().item() / self.w.norm().item())
         if images:
             p = psnr(self.synthesize(w), self.images)
             out.update(psnr_median=p.median().item(), psnr_min=p.min().item())
@@ -257,8 +258,9 @@ def swap(network_pkl: str, out: str, map_h: int, distill_kimg: float, seed: int,
     save_grid([evaluator.images[:n], evaluator.synthesize(evaluator.student_w(G_ema.mapping)[:n])], grid)
     report = dict(network=network_pkl, out=out, grid=grid, map_h=map_h, distill_kimg=distill_kimg, seed=seed, eval_seeds=eval_seeds,
                   seconds=round(elapsed, 1), swapped=figures, linear_floor=floor_figures)
-    click.echo(f'On seeds 0..{eval_seeds - 1}: relative w error {figures["rel_w_error"]:.4f} '
-               f'(linear least-squares floor {floor_figures["rel_w_error"]:.4f}), '
+    click.echo(f'On seeds 0..{eval_seeds - 1}: relative w error {figures["rel_w_error"]:.4f} centered, '
+               f'{figures["rel_w_error_uncentered"]:.4f} uncentered (linear least-squares floor {floor_figures["rel_w_error"]:.4f}, '
+               f'{floor_figures["rel_w_error_uncentered"]:.4f}), '
                f'median PSNR {figures["psnr_median"]:.2f} dB (floor {floor_figures["psnr_median"]:.2f} dB), '
                f'worst {figures["psnr_min"]:.2f} dB.')
     click.echo(json.dumps(report))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from rtm_mapping import core, distill
+from stylegan2_ada_patch import checkout
 
 NETWORKS = ('G', 'D', 'G_ema')
 
@@ -199,8 +200,7 @@ def _default_grid(out: str) -> str:
               help='Seeds 0..N-1 (generate.py draws) for the report and the grid.')
 @click.option('--grid', type=click.Path(dir_okay=False), default=None, metavar='PNG',
               help='Image grid, originals above swapped (first 16 seeds) [default: OUT without .pkl + -grid.png].')
-@click.option('--stylegan', type=click.Path(file_okay=False), default=None, metavar='PATH',
-              help='StyleGAN2-ADA checkout [default: $STYLEGAN2_ADA_ROOT, else the current folder].')
+@checkout.option
 def swap(network_pkl: str, out: str, map_h: int, distill_kimg: float, seed: int, eval_seeds: int, grid: Optional[str], stylegan: Optional[str]):
     """Replace the MLP mapper of G and G_ema in a pretrained pickle with an RTM distilled onto it.
 
@@ -209,7 +209,6 @@ def swap(network_pkl: str, out: str, map_h: int, distill_kimg: float, seed: int,
       rtm-mapping swap --network=network-snapshot.pkl --out=rtm.pkl
       python train.py --resume=rtm.pkl ...          # fine-tune with the RTM mapper
     """
-    from stylegan2_ada_patch import checkout
     checkout.use(stylegan)
     grid = grid or _default_grid(out)
     check_output_path(out, [network_pkl])
@@ -295,11 +294,9 @@ def describe(data: Dict) -> Dict:
 @click.command()
 @click.argument('network_pkl', type=click.Path(exists=True, dir_okay=False), metavar='PKL')
 @click.option('--json', 'as_json', is_flag=True, help='Print the facts as JSON.')
-@click.option('--stylegan', type=click.Path(file_okay=False), default=None, metavar='PATH',
-              help='StyleGAN2-ADA checkout [default: $STYLEGAN2_ADA_ROOT, else the current folder].')
+@checkout.option
 def info(network_pkl: str, as_json: bool, stylegan: Optional[str]):
     """Describe the networks of a pickle: mapper kind, H, L, block, parameters, w_avg."""
-    from stylegan2_ada_patch import checkout
     checkout.use(stylegan)
     facts = describe(load_pickle(network_pkl))
     if as_json:
@@ -336,11 +333,9 @@ def store_steps(G, steps: int) -> None:
 @click.argument('network_pkl', type=click.Path(exists=True, dir_okay=False), metavar='PKL')
 @click.option('--h', 'steps', type=click.IntRange(min=1), required=True, metavar='INT', help='Inference refinement steps H.')
 @click.option('--out', type=click.Path(dir_okay=False), required=True, metavar='PKL', help='Output pickle (never the input).')
-@click.option('--stylegan', type=click.Path(file_okay=False), default=None, metavar='PATH',
-              help='StyleGAN2-ADA checkout [default: $STYLEGAN2_ADA_ROOT, else the current folder].')
+@checkout.option
 def set_h(network_pkl: str, steps: int, out: str, stylegan: Optional[str]):
     """Store another inference H in an RTM pickle, for generate.py and calc_metrics.py to use unchanged."""
-    from stylegan2_ada_patch import checkout
     checkout.use(stylegan)
     check_output_path(out, [network_pkl])
     data = load_pickle(network_pkl)

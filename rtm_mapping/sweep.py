@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from rtm_mapping import detectors
+from stylegan2_ada_patch import checkout
 
 #----------------------------------------------------------------------------
 
@@ -142,8 +143,7 @@ def _default_device() -> str:
               help='Where to write the table as JSON [default: <pickle name>-sweep-h.json].')
 @click.option('--out-md', type=click.Path(dir_okay=False), default=None, metavar='FILE',
               help='Where to write the table as markdown [default: <pickle name>-sweep-h.md].')
-@click.option('--stylegan', type=click.Path(file_okay=False), default=None, metavar='PATH',
-              help='StyleGAN2-ADA checkout [default: $STYLEGAN2_ADA_ROOT, else the current folder].')
+@checkout.option
 @click.option('--device', type=click.Choice(['cpu', 'cuda']), default=_default_device(), show_default=True,
               help='Where to run G and the feature networks.')
 @click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True,
@@ -158,7 +158,6 @@ def sweep_h(network_pkl: str, metrics_text: str, steps_text: str, data: Optional
     Example:
         rtm-mapping sweep-h --network network-snapshot-025000.pkl --metrics fid50k_full,pr50k3_full --h 8,16,32,64
     """
-    from stylegan2_ada_patch import checkout
     checkout.use(stylegan)
     import dnnlib
     import legacy

@@ -34,3 +34,8 @@ def use(root=None) -> str:
     if root not in sys.path:
         sys.path.insert(0, root)
     return root
+
+
+option = click.option('--stylegan', type=click.Path(file_okay=False), default=None, metavar='PATH',
+                      help=f'StyleGAN2-ADA checkout [default: ${ENV_VAR}, else the current folder].')
+"""The --stylegan option of the commands that need a checkout; pass its value to use()."""

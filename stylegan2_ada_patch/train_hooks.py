@@ -44,8 +44,9 @@ def report_resume(copy_params_and_buffers):
         copy_params_and_buffers(src_module, dst_module, require_all=require_all)
         if require_all:
             return
-        src = {name for name, _ in list(src_module.named_parameters()) + list(src_module.named_buffers())}
-        dst = {name for name, _ in list(dst_module.named_parameters()) + list(dst_module.named_buffers())}
+        from torch_utils import misc
+        src = {name for name, _ in misc.named_params_and_buffers(src_module)}
+        dst = {name for name, _ in misc.named_params_and_buffers(dst_module)}
         kind = type(dst_module).__name__
         if dst - src:
             print(f'rtm-mapping: --resume found no value for {len(dst - src)} tensors of {kind}; they keep their fresh initialisation: '

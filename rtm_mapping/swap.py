@@ -195,7 +195,7 @@ def _default_grid(out: str) -> str:
               help='RTM refinement steps H stored in the pickle (set-h changes it later).')
 @click.option('--distill-kimg', type=click.FloatRange(min=0), default=distill.DEFAULTS['kimg'], show_default=True, metavar='KIMG',
               help='Thousands of (z, c) samples to distil on; 0 = least-squares initialisation only.')
-@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, help='Seed of the distillation samples.')
+@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, help='Seed of the RTM initialisation and of the distillation samples.')
 @click.option('--eval-seeds', type=click.IntRange(min=1), default=64, show_default=True, metavar='INT',
               help='Seeds 0..N-1 (generate.py draws) for the report and the grid.')
 @click.option('--grid', type=click.Path(dir_okay=False), default=None, metavar='PNG',
@@ -238,7 +238,8 @@ def swap(network_pkl: str, out: str, map_h: int, distill_kimg: float, seed: int,
     with click.progressbar(length=total, label=f'Distilling {distill_kimg:g} kimg', show_eta=True, show_pos=True) as bar:
         def progress(step, steps, loss):
             bar.update(1)
-        distill.distill(G_ema.mapping, lambda z, c: teacher(z, c)[:, 0], kimg=distill_kimg, seed=seed, progress=progress)
+        distill.distill(G_ema.mapping, lambda z, c: teacher(z, c)[:, 0], kimg=distill_kimg, seed=seed,
+                        teacher_layer=distill.first_layer(teacher), progress=progress)
     figures = evaluator.figures(evaluator.student_w(G_ema.mapping))
     elapsed = time.time() - start
 

@@ -14,8 +14,8 @@ What a plain Adam regression misses, and what this module does instead (docs/swa
    the student near the linear floor, and Adam then grows the residual branches from zero.
    The lift starts as the teacher's first layer (times lift_gain), not at random: the student then
    starts from the teacher's own first features instead of random projections of z. On the stock
-   2-layer teacher, 16 kimg: random lift 0.585 (worse than the linear floor, 0.506), teacher's first
-   layer 0.442; 8-layer teacher: 0.791 against 0.734 (floor 0.760).
+   teachers of docs/swap.md, 16 kimg: 2-layer, random lift 0.589 (worse than the linear floor, 0.513),
+   teacher's first layer 0.443; 8-layer, 0.781 against 0.747 (floor 0.755).
 2. Optimisation space. Every RTM layer stores weight / lr_multiplier (equalized learning rate; StyleGAN
    uses 0.01 for the mapper), so Adam at a normal rate moves it 100x too slowly. Adam is invariant to
    the scale of the gradient, so dividing the rate by lr_multiplier is exactly Adam on the weights

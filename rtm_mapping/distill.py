@@ -42,16 +42,16 @@ import torch
 # Defaults, in one place (the swap command shows them).
 
 DEFAULTS = dict(
-    kimg        = 64,       # Thousands of (z, c) samples seen by Adam (swap took 109 s on 2 CPU cores at load 1-2, H = 16).
+    kimg        = 64,       # Thousands of (z, c) samples seen by Adam (a whole swap took 91-147 s on 2 shared CPU cores, H = 16).
     batch       = 64,       # Samples per Adam step.
     lr          = 1e-1,     # Adam rate on the weights the layers use (divided by lr_multiplier for the stored ones).
     grad_steps  = 1,        # Steps differentiated through during distillation (1 = short gradient; the pickle stores 1).
     warmup      = 0.05,     # Fraction of the steps with a linear warm-up.
     init        = 'teacher',  # 'teacher': lift from the teacher's first layer, then as 'zero'; 'zero': zero residual
                               # branches + least-squares readout; 'random': the RTM as constructed.
-    lift_gain   = 2.0,      # Scale of the copied first layer (16 kimg, 2-layer teacher: 1 -> 0.457, 2 -> 0.442, 4 -> 0.439, 8 -> 0.451;
+    lift_gain   = 2.0,      # Scale of the copied first layer (scratch runs, 16 kimg, 2-layer teacher: 1 -> 0.457, 2 -> 0.442, 4 -> 0.439, 8 -> 0.451;
                             # 8-layer teacher: 1 -> 0.742, 2 -> 0.734, 4 -> 0.740; rel. w error, centered).
-    lsq_samples = 4096,     # Samples for each least-squares readout fit (before Adam for 'zero' init, and after Adam).
+    lsq_samples = 4096,     # Samples for each least-squares readout fit (before Adam for the 'teacher' and 'zero' inits, and after Adam).
     val_samples = 1024,     # Held-out samples that decide whether the final readout refit is kept.
     ridge       = 1e-4,     # Ridge term of that least-squares fit, relative to the mean feature energy.
 )

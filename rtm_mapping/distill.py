@@ -99,14 +99,20 @@ def readout_features(rtm, x: torch.Tensor) -> torch.Tensor:
     return features[0]
 
 
+def ridge_fit(f: torch.Tensor, w: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge least-squares fit of w [n, out] on features f [n, k] with a bias, in float64; the ridge term is
+    relative to the mean feature energy. Returns [k + 1, out], the bias in the last row."""
+    f = f.to(torch.float64)
+    f = torch.cat([f, torch.ones([f.shape[0], 1], dtype=f.dtype)], dim=1)
+    gram = f.T @ f
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, f.T @ w.to(torch.float64))
+
+
 def least_squares_readout(rtm, x: torch.Tensor, w: torch.Tensor, ridge: float) -> None:
     """Set the RTM readout to the ridge least-squares fit of w on the final state (with bias)."""
     with torch.no_grad():
-        f = readout_features(rtm, x).to(torch.float64)
-        f = torch.cat([f, torch.ones([f.shape[0], 1], dtype=f.dtype)], dim=1)
-        gram = f.T @ f
-        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-        a = torch.linalg.solve(gram, f.T @ w.to(torch.float64)).to(torch.float32)
+        a = ridge_fit(readout_features(rtm, x), w, ridge).to(torch.float32)
         rtm.readout.weight.copy_(a[:-1].T / rtm.readout.weight_gain)
         rtm.readout.bias.copy_(a[-1] / rtm.readout.bias_gain)
 

@@ -27,12 +27,9 @@ from rtm_mapping import distill
 
 def fit_error(features: torch.Tensor, w: torch.Tensor, n_fit: int) -> float:
     """Centered relative error on the held-out rows of a ridge least-squares readout fitted on the first n_fit."""
-    f = torch.cat([features, torch.ones([len(features), 1], dtype=features.dtype)], dim=1)
-    gram = f[:n_fit].T @ f[:n_fit]
-    gram += 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-    a = torch.linalg.solve(gram, f[:n_fit].T @ w[:n_fit])
+    a = distill.ridge_fit(features[:n_fit], w[:n_fit], ridge=1e-6)
     test = w[n_fit:]
-    return ((f[n_fit:] @ a - test).norm() / (test - test.mean(dim=0)).norm()).item()
+    return ((features[n_fit:] @ a[:-1] + a[-1] - test).norm() / (test - test.mean(dim=0)).norm()).item()
 
 
 @click.command()

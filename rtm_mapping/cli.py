@@ -8,6 +8,7 @@ from rtm_mapping import __version__
 
 # name: (module, attribute, one-line help)
 COMMANDS = {
+    'get-stylegan': ('stylegan2_ada_patch.official', 'get_stylegan', 'Clone NVIDIA\'s StyleGAN code at the commit rtm-mapping is tested against.'),
     'patch':        ('stylegan2_ada_patch.patcher', 'patch',        'Add --map=rtm to a StyleGAN2-ADA train.py (and --revert/--check).'),
     'make-dataset': ('stylegan2_ada_patch.dataset', 'make_dataset', 'Write a small synthetic image dataset zip, to see a run without downloads.'),
     'cpu':          ('stylegan2_ada_patch.cpu',     'cpu',          'Run an official script (generate.py, ...) on the CPU, for smoke tests.'),

@@ -17,23 +17,24 @@ from stylegan2_ada_patch import checkout
 MARK = '# rtm-mapping'
 BACKUP_SUFFIX = '.rtm-orig'
 _HOOK_IMPORT = (
-    'import stylegan2_ada_patch.train_hooks as rtm_hooks # rtm-mapping: --map=rtm, PyTorch 2.x fix, extra metrics.\n'
+    'import stylegan2_ada_patch.train_hooks as rtm_hooks # rtm-mapping: --map=rtm, today\'s-stack fixes, extra metrics.\n'
     'rtm_hooks.setup() # rtm-mapping\n'
 )
 
 # file: [(official text, patched text), ...]; each official text occurs exactly once in the official file.
+# The hooks come before `import dnnlib`: compat.apply() must run before NVIDIA's modules are imported.
 EDITS = {
     'train.py': [
-        ('from torch_utils import custom_ops\n',
-         'from torch_utils import custom_ops\n' + _HOOK_IMPORT),
+        ('import dnnlib\n',
+         _HOOK_IMPORT + 'import dnnlib\n'),
         ('\ndef main(ctx, outdir, dry_run, **config_kwargs):\n',
          '\n@rtm_hooks.mapping_options # rtm-mapping\ndef main(ctx, outdir, dry_run, **config_kwargs):\n'),
         ('        run_desc, args = setup_training_loop_kwargs(**config_kwargs)\n',
          '        run_desc, args = rtm_hooks.setup_training_loop_kwargs(setup_training_loop_kwargs, **config_kwargs) # rtm-mapping\n'),
     ],
     'calc_metrics.py': [
-        ('from torch_utils import misc\n',
-         'from torch_utils import misc\n' + _HOOK_IMPORT),
+        ('import dnnlib\n',
+         _HOOK_IMPORT + 'import dnnlib\n'),
     ],
 }
 

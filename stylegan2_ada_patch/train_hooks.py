@@ -1,41 +1,20 @@
 """What a patched StyleGAN2-ADA train.py calls (see stylegan2_ada_patch/patcher.py for the lines).
 
-    setup()                       at import: PyTorch 2.x fix, extra metrics, --resume report.
+    setup()                       at import: today's-stack fixes (compat.py), extra metrics, --resume report.
     mapping_options               click options --map, --map-h, --map-l, ... and --smoke.
     setup_training_loop_kwargs()  wraps the official function and applies those options.
 """
-
-import multiprocessing
 
 import click
 import torch
 
 from rtm_mapping import core, metrics
+from stylegan2_ada_patch import compat
 
 RTM_GENERATOR = 'rtm_mapping.networks.Generator'
 
 #----------------------------------------------------------------------------
 # setup()
-
-class _SamplerDataSource(torch.utils.data.Sampler):
-    """Accepts Sampler.__init__(data_source), which PyTorch 2.x removed and StyleGAN2-ADA still calls."""
-
-    def __init__(self, data_source=None):
-        del data_source
-        super().__init__()
-
-
-def fix_infinite_sampler():
-    """Make torch_utils.misc.InfiniteSampler construct on PyTorch 2.x; returns True if a fix was needed.
-    Its `super().__init__(dataset)` now resolves to _SamplerDataSource.__init__ (cooperative MRO)."""
-    from torch_utils import misc
-    try:
-        misc.InfiniteSampler(range(1))
-        return False
-    except TypeError:
-        misc.InfiniteSampler = type('InfiniteSampler', (misc.InfiniteSampler, _SamplerDataSource), {})
-        return True
-
 
 def report_resume(copy_params_and_buffers):
     """Wrap misc.copy_params_and_buffers so that a partial copy (as --resume does) says what it skipped."""
@@ -62,9 +41,7 @@ def report_resume(copy_params_and_buffers):
 def setup():
     """Called by the patched train.py and calc_metrics.py at import, in every process they spawn."""
     from torch_utils import misc
-    if fix_infinite_sampler() and multiprocessing.current_process().name == 'MainProcess':  # once, not in each worker
-        print(f'rtm-mapping: PyTorch {torch.__version__} has no Sampler.__init__(data_source); '
-              'gave torch_utils.misc.InfiniteSampler one for this run.')
+    compat.apply()
     if not getattr(misc.copy_params_and_buffers, 'rtm_mapping_wrapped', False):
         misc.copy_params_and_buffers = report_resume(misc.copy_params_and_buffers)
     metrics.register_metrics()

@@ -46,7 +46,7 @@ run_env() {  # run_env NAME PYTHON PIP_ARGS...
     echo "=== $name: $("$python" --version)"
     rm -rf "$venv"
     "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q "$@"
+    "$venv/bin/python" -m pip install -q "$@" > "$venv/pip.log" 2>&1 || { tail -n 40 "$venv/pip.log"; return 1; }
     "$venv/bin/python" -c 'import sys, torch, numpy, scipy; print("python", sys.version.split()[0], "torch", torch.__version__, "numpy", numpy.__version__, "scipy", scipy.__version__)'
     "$venv/bin/python" -m ruff check .
     (cd "$repo" && env -u VIRTUAL_ENV PATH="/usr/bin:/bin" "$venv/bin/python" -m pytest -q -p no:cacheprovider)

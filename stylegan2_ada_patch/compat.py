@@ -91,9 +91,24 @@ def fix_fid_sqrtm() -> bool:
 #----------------------------------------------------------------------------
 # setuptools >= 81: no pkg_resources (StyleGAN3's ops import parse_version from it).
 
+def _official_code_imports(module: str, name: str) -> bool:
+    """Whether the official module's source (found on sys.path, not imported) mentions `name`."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(module)
+    except ImportError:
+        return False
+    if spec is None or not spec.origin or not spec.origin.endswith('.py'):
+        return False
+    with open(spec.origin, encoding='utf-8') as f:
+        return name in f.read()
+
+
 def fix_pkg_resources() -> bool:
-    """Provide `pkg_resources.parse_version` when setuptools has no pkg_resources; True if it did now.
-    Any other name of that stand-in raises an error saying what it is."""
+    """Provide `pkg_resources.parse_version` when the official ops import it (StyleGAN3) and setuptools has
+    no pkg_resources; True if it did now. Any other name of that stand-in raises an error saying what it is."""
+    if not _official_code_imports('torch_utils.ops.conv2d_gradfix', 'pkg_resources'):
+        return False
     try:
         importlib.import_module('pkg_resources')
         return False

@@ -52,7 +52,13 @@ def test_sqrtm_with_disp_returns_the_root_and_scipy_1_17s_error_estimate():
     assert error == np.linalg.norm(root @ root - a, 'fro') ** 2 / np.linalg.norm(a, 'fro') and error < 1e-20
 
 
-def test_pkg_resources_stand_in_when_setuptools_has_none():
+def test_pkg_resources_stand_in_when_setuptools_has_none(tmp_path):
+    """StyleGAN3's ops do `from pkg_resources import parse_version` at import; a module of ours stands for them."""
+    ops = tmp_path / 'torch_utils' / 'ops'
+    ops.mkdir(parents=True)
+    for folder in (ops.parent, ops):
+        (folder / '__init__.py').write_text('')
+    (ops / 'conv2d_gradfix.py').write_text('from pkg_resources import parse_version\nNEW_API = parse_version("2.15.0+cu132") >= parse_version("1.11.0a")\n')
     script = textwrap.dedent('''
         import sys, importlib.abc
         class _NoPkgResources(importlib.abc.MetaPathFinder):
@@ -61,9 +67,11 @@ def test_pkg_resources_stand_in_when_setuptools_has_none():
                     raise ModuleNotFoundError(name)
         sys.meta_path.insert(0, _NoPkgResources())
         from stylegan2_ada_patch import compat
-        assert compat.fix_pkg_resources() is True
-        from pkg_resources import parse_version          # what StyleGAN3's conv2d_gradfix does
-        assert parse_version('2.15.0+cu132') >= parse_version('1.11.0a') > parse_version('1.10.2')
+        assert compat.fix_pkg_resources() is True and compat.fix_pkg_resources() is False
+        from torch_utils.ops import conv2d_gradfix
+        assert conv2d_gradfix.NEW_API
+        from pkg_resources import parse_version
+        assert parse_version('1.11.0a') > parse_version('1.10.2')
         try:
             import pkg_resources
             pkg_resources.require('torch')
@@ -73,28 +81,26 @@ def test_pkg_resources_stand_in_when_setuptools_has_none():
             raise AssertionError('the stand-in must say what it is')
         print('ok')
     ''')
-    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(tmp_path)])))
     assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+
+
+def test_no_stand_in_where_the_official_code_does_not_import_pkg_resources(stylegan_root):
+    assert compat.fix_pkg_resources() is False      # StyleGAN2-ADA's ops do not import it
 
 
 def test_apply_fixes_what_the_stack_needs_once(stylegan_root, capsys, monkeypatch):
     from metrics import frechet_inception_distance
     from torch_utils import misc
-    monkeypatch.setattr(misc, 'InfiniteSampler', misc.InfiniteSampler)                           # Restored after the test,
-    monkeypatch.setattr(frechet_inception_distance, 'scipy', frechet_inception_distance.scipy)    # as is pkg_resources below.
-    had_pkg_resources = 'pkg_resources' in sys.modules
-    try:
-        first = compat.apply()
-        assert capsys.readouterr().out.splitlines() == [f'rtm-mapping: {message} for this run.' for message in first]
-        assert compat.apply() == [] and capsys.readouterr().out == ''
-        sampler = misc.InfiniteSampler(list(range(10)), seed=1)                 # TypeError on PyTorch 2 without the fix
-        assert next(iter(sampler)) in range(10)
-        root, error = frechet_inception_distance.scipy.linalg.sqrtm(np.eye(3) * 4, disp=False)    # TypeError on SciPy 1.18
-        np.testing.assert_allclose(root, 2 * np.eye(3))
-        assert error == 0
-        from pkg_resources import parse_version  # StyleGAN3's ops import it
-        assert parse_version('1.12.0') > parse_version('1.11.0a')
-    finally:
-        if not had_pkg_resources:
-            sys.modules.pop('pkg_resources', None)
+    monkeypatch.setattr(misc, 'InfiniteSampler', misc.InfiniteSampler)                           # Both restored after the test.
+    monkeypatch.setattr(frechet_inception_distance, 'scipy', frechet_inception_distance.scipy)
+    first = compat.apply()
+    assert capsys.readouterr().out.splitlines() == [f'rtm-mapping: {message} for this run.' for message in first]
+    assert compat.apply() == [] and capsys.readouterr().out == ''
+    sampler = misc.InfiniteSampler(list(range(10)), seed=1)                 # TypeError on PyTorch 2 without the fix
+    assert next(iter(sampler)) in range(10)
+    root, error = frechet_inception_distance.scipy.linalg.sqrtm(np.eye(3) * 4, disp=False)    # TypeError on SciPy 1.18
+    np.testing.assert_allclose(root, 2 * np.eye(3))
+    assert error == 0

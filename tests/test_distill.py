@@ -78,3 +78,22 @@ def test_teacher_lift_beats_the_linear_floor_and_a_random_lift():
     assert errors['teacher'] < floor_error - 0.03, message
     assert errors['teacher'] < errors['zero'] - 0.05, message
 
+
+@pytest.mark.parametrize('fit_samples', [8, 4096])
+def test_readout_refit_is_kept_only_if_it_lowers_the_held_out_error(fit_samples):
+    """The final least-squares refit never leaves a readout worse on held-out samples: refitted on 4096
+    samples (33 unknowns per output) it is kept; on 8 it overfits and the readout is restored bit for bit."""
+    teacher_w, layer = teacher(32, 1000)
+    student = Student(32, 0)
+    sampler = distill.Sampler(32, 0, 5)
+    distill.initialise(student, teacher_w, sampler, 'teacher', layer, lift_gain=2.0, lsq_samples=64, ridge=1e-4)
+    readout = {k: v.clone() for k, v in student.rtm.readout.state_dict().items()}
+    before_error = error(student, teacher_w)
+    before, after = distill.refit_readout(student, teacher_w, sampler, val_samples=1024, lsq_samples=fit_samples, ridge=1e-4)
+    kept = all(torch.equal(v, readout[k]) for k, v in student.rtm.readout.state_dict().items())
+    if fit_samples == 8:
+        assert after > before and kept
+        assert error(student, teacher_w) == before_error
+    else:
+        assert after < before and not kept
+        assert error(student, teacher_w) < before_error

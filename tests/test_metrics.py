@@ -151,15 +151,6 @@ def test_standin_signatures(tmp_path):
 #----------------------------------------------------------------------------
 # Registered metrics through the official pipeline (stand-in detectors, tiny sizes).
 
-def write_images(folder, count, resolution=16, seed=0):
-    """A folder of random RGB PNGs, which training.dataset.ImageFolderDataset reads directly."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for i in range(count):
-        PIL.Image.fromarray(rng.integers(0, 256, [resolution, resolution, 3], dtype=np.uint8)).save(folder / f'{i:03d}.png')
-    return folder
-
-
 @pytest.fixture
 def official_metrics(stylegan_root, tmp_path, monkeypatch):
     """The official metric modules, with the stand-in detectors installed in a fresh dnnlib cache under tmp_path."""
@@ -197,7 +188,7 @@ def test_register_metrics_is_idempotent(official_metrics):
     assert after - before <= set(METRICS) and set(METRICS) <= after
 
 
-def test_as_many_fakes_as_reference_images_equal_to_the_data_score_perfectly(official_metrics, tmp_path):
+def test_as_many_fakes_as_reference_images_equal_to_the_data_score_perfectly(official_metrics, tmp_path, write_images):
     from rtm_mapping.metrics import register_metrics
     data = write_images(tmp_path / 'data', count=24)
     # k = 1: a real image without its copy among the fakes is not covered (its nearest fake is a real

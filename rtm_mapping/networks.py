@@ -72,17 +72,23 @@ class MappingNetwork(networks.MappingNetwork):
         in_features = z_dim + (self.embed.weight.shape[0] if c_dim > 0 else 0)
         self.rtm = _make_persistent(_core().RecursiveTokenMapper(in_features, w_dim, lr_multiplier=lr_multiplier, **rtm_kwargs))
 
+    def mapper_input(self, z, c):
+        """What the RTM receives: normalized z, concatenated with the normalized label embedding
+        for a conditional model; float32 [batch, in_features]."""
+        x = None
+        if self.z_dim > 0:
+            misc.assert_shape(z, [None, self.z_dim])
+            x = networks.normalize_2nd_moment(z.to(torch.float32))
+        if self.c_dim > 0:
+            misc.assert_shape(c, [None, self.c_dim])
+            y = networks.normalize_2nd_moment(self.embed(c.to(torch.float32)))
+            x = torch.cat([x, y], dim=1) if x is not None else y
+        return x
+
     def forward(self, z, c, truncation_psi=1, truncation_cutoff=None, skip_w_avg_update=False):
         # Embed, normalize, and concat inputs.
-        x = None
         with torch.autograd.profiler.record_function('input'):
-            if self.z_dim > 0:
-                misc.assert_shape(z, [None, self.z_dim])
-                x = networks.normalize_2nd_moment(z.to(torch.float32))
-            if self.c_dim > 0:
-                misc.assert_shape(c, [None, self.c_dim])
-                y = networks.normalize_2nd_moment(self.embed(c.to(torch.float32)))
-                x = torch.cat([x, y], dim=1) if x is not None else y
+            x = self.mapper_input(z, c)
 
         # Recursive token mapper.
         x = self.rtm(x)

@@ -6,10 +6,16 @@ import copy
 import importlib
 import inspect
 import io
+import json
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import run_stock
 
 # family: (our adapter, the official module it extends, small synthesis arguments)
@@ -171,3 +177,107 @@ def test_force_fp16_rebuild_keeps_rtm(stylegan3_root):
     assert rebuilt.init_kwargs.num_fp16_res == 4 and rebuilt.mapping.rtm.block_name == 'attention'
     z = torch.randn(2, 32)
     assert torch.equal(rebuilt.mapping(z, None), G.eval().mapping(z, None))
+
+#----------------------------------------------------------------------------
+# The patch of StyleGAN3's train.py and calc_metrics.py.
+
+@pytest.fixture
+def sg3_checkout(stylegan3_root, tmp_path):
+    """A private copy of the StyleGAN3 checkout, so that patching never touches the user's files."""
+    root = tmp_path / 'stylegan3'
+    shutil.copytree(stylegan3_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig', 'docs', 'gui_utils', 'viz'))
+    return root
+
+
+def run_patch(*args):
+    from stylegan2_ada_patch import patcher
+    result = CliRunner().invoke(patcher.patch, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_patch_is_idempotent_and_reverts_byte_for_byte(sg3_checkout):
+    from stylegan2_ada_patch import patcher
+    names = list(patcher.EDITS['stylegan3'])
+    originals = {name: (sg3_checkout / name).read_bytes() for name in names}
+    code, out = run_patch(sg3_checkout)
+    assert code == 0 and out.count('Patched') == 2
+    patched = {name: (sg3_checkout / name).read_bytes() for name in names}
+    added = [line for line in patched['train.py'].decode().splitlines() if patcher.MARK in line]
+    assert 2 <= len(added) <= 5  # a few lines, each marked
+    text = patched['train.py'].decode()
+    assert text.index('rtm_hooks.setup()') < text.index('from training import training_loop')   # before anything imports pkg_resources
+
+    code, out = run_patch(sg3_checkout)
+    assert code == 0 and out.count('already patched') == 2
+    assert {name: (sg3_checkout / name).read_bytes() for name in names} == patched
+    for name in names:
+        assert (sg3_checkout / (name + patcher.BACKUP_SUFFIX)).read_bytes() == originals[name]
+
+    code, out = run_patch(sg3_checkout, '--revert')
+    assert code == 0 and {name: (sg3_checkout / name).read_bytes() for name in names} == originals
+    code, out = run_patch(sg3_checkout, '--check')
+    assert code == 0 and out.count(': official') == 2
+
+
+def test_edited_train_py_is_refused_untouched(sg3_checkout):
+    train = sg3_checkout / 'train.py'
+    text = train.read_text().replace('def main(**kwargs):', 'def main(**options):')
+    train.write_text(text)
+    code, out = run_patch(sg3_checkout)
+    assert code != 0 and 'not a StyleGAN3 train.py we recognise' in out and "'def main(**kwargs):'" in out
+    assert train.read_text() == text and not (sg3_checkout / 'train.py.rtm-orig').exists()
+
+
+def shim_env():
+    """The environment of the official scripts: tests/shims last on the path (pkg_resources, see conftest)."""
+    from conftest import SHIMS
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in [os.environ.get('PYTHONPATH'), SHIMS] if p]), PYTHONDONTWRITEBYTECODE='1')
+
+
+def train(root, *args, timeout=300):
+    return subprocess.run([sys.executable, 'train.py', '--outdir', str(root / 'runs'), '--data', str(root / 'data.zip'), '--gpus=1',
+                           '--batch=4', '--gamma=1', *args], cwd=root, env=shim_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def options(output):
+    text = output[output.index('Training options:') + len('Training options:'):]
+    return json.loads(text[:text.index('\n}\n') + 2]), output.split('Output directory:')[1].split('\n')[0].strip()
+
+
+@pytest.fixture
+def patched(sg3_checkout):
+    from stylegan2_ada_patch.dataset import write_dataset
+    write_dataset(str(sg3_checkout / 'data.zip'), count=8, resolution=16)
+    unpatched = {cfg: train(sg3_checkout, f'--cfg={cfg}', '--dry-run') for cfg in ('stylegan2', 'stylegan3-t')}
+    assert run_patch(sg3_checkout)[0] == 0
+    return sg3_checkout, unpatched
+
+
+def test_dry_runs_of_the_patched_train_py(patched):
+    root, unpatched = patched
+    for cfg, official in unpatched.items():
+        assert official.returncode == 0, official.stdout + official.stderr
+        out = train(root, f'--cfg={cfg}', '--map=mlp', '--dry-run')
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert options(out.stdout) == options(official.stdout)    # --map=mlp is the official train.py
+
+    out = train(root, '--cfg=stylegan3-r', '--map=rtm', '--map-h=8', '--map-l=2', '--dry-run')
+    assert out.returncode == 0, out.stdout + out.stderr
+    args, run_dir = options(out.stdout)
+    assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks_stylegan3.Generator' and args['G_kwargs']['use_radial_filters']
+    assert args['G_kwargs']['mapping_kwargs'] == dict(steps=8, inner_steps=2, block='mixer', tokens=4, token_dim=128)
+    assert run_dir.endswith('-stylegan3-r-data-gpus1-batch4-gamma1-rtmH8L2')
+    assert args['D_kwargs']['class_name'] == 'training.networks_stylegan2.Discriminator'
+
+    out = train(root, '--cfg=stylegan2', '--map=rtm', '--map-block=attention', '--dry-run')
+    args, run_dir = options(out.stdout)
+    assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks_stylegan2.Generator' and run_dir.endswith('-rtmH16L1-attention')
+
+    out = train(root, '--cfg=stylegan2', '--map-depth=3', '--dry-run')   # StyleGAN3's own option, its own meaning
+    args, run_dir = options(out.stdout)
+    assert args['G_kwargs']['mapping_kwargs'] == dict(num_layers=3) and run_dir.endswith('-gamma1')
+
+    out = train(root, '--cfg=stylegan3-t', '--map=rtm', '--map-depth=3', '--dry-run')
+    assert out.returncode == 2 and '--map-depth sets the depth of the MLP mapper' in out.stdout + out.stderr
+    help_text = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, env=shim_env(), capture_output=True, text=True).stdout
+    assert help_text.count('--map-depth') == 1 and '--map-h' in help_text and '--smoke' in help_text

@@ -184,6 +184,24 @@ def apply_smoke(desc, args, images, metrics_given):
     return desc + ('-cpusmoke' if on_cpu else '-smoke')
 
 
+def fix_adam_betas(args) -> bool:
+    """Make the optimizers' betas floats where this PyTorch refuses Adam(betas=[0, 0.99]) (an int and a float),
+    as StyleGAN3's train.py writes them; returns True if a fix was needed."""
+    fixed = False
+    for opt_kwargs in (args.G_opt_kwargs, args.D_opt_kwargs):
+        betas = opt_kwargs.get('betas')
+        if opt_kwargs.get('class_name') != 'torch.optim.Adam' or betas is None or all(isinstance(beta, float) for beta in betas):
+            continue
+        try:
+            torch.optim.Adam([torch.zeros([1], requires_grad=True)], betas=betas)
+        except ValueError:
+            opt_kwargs.betas = [float(beta) for beta in betas]
+            fixed = True
+    if fixed:
+        print(f'rtm-mapping: PyTorch {torch.__version__} refuses Adam betas that mix int and float; made them floats for this run.')
+    return fixed
+
+
 def _metrics_given() -> bool:
     """Whether the user passed --metrics to the running train.py."""
     ctx = click.get_current_context(silent=True)
@@ -193,6 +211,7 @@ def _metrics_given() -> bool:
 def apply(codebase, desc, args, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None, map_token_dim=None,
           map_depth=None, smoke=None):
     """The rtm-mapping options applied to the training config `args` of a codebase's train.py; returns the run description."""
+    fix_adam_betas(args)
     desc = apply_mapping_options(desc, args.G_kwargs, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
                                  map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth, codebase=codebase)
     if smoke is not None:

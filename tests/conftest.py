@@ -84,15 +84,12 @@ _NOT_INSTALLED = textwrap.dedent('''
 ''')
 
 
-def run_stock(script: str, cwd, root, args=()) -> str:
-    """Run Python code (or, with args, the official script at path `script`) in a fresh process that has
-    only the checkout at root (and tests/shims last) on its path: rtm-mapping cannot be imported. Returns stdout."""
+def run_stock(script: str, cwd, root, argv=()) -> str:
+    """Run Python code, with sys.argv[1:] = argv, in a fresh process that has only the checkout at root (and
+    tests/shims last) on its path: rtm-mapping cannot be imported. Returns stdout."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), SHIMS]), PYTHONDONTWRITEBYTECODE='1')
-    if args:
-        code = _NOT_INSTALLED + f'import runpy; sys.argv = {[str(script), *map(str, args)]!r}; runpy.run_path(sys.argv[0], run_name="__main__")'
-    else:
-        code = _NOT_INSTALLED + textwrap.dedent(script)
-    out = subprocess.run([sys.executable, '-c', code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    code = _NOT_INSTALLED + textwrap.dedent(script)
+    out = subprocess.run([sys.executable, '-c', code, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
 

@@ -281,3 +281,54 @@ def test_dry_runs_of_the_patched_train_py(patched):
     assert out.returncode == 2 and '--map-depth sets the depth of the MLP mapper' in out.stdout + out.stderr
     help_text = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, env=shim_env(), capture_output=True, text=True).stdout
     assert help_text.count('--map-depth') == 1 and '--map-h' in help_text and '--smoke' in help_text
+
+#----------------------------------------------------------------------------
+# As a new user would: patch, a CPU smoke run of each family, the stock gen_images.py without
+# rtm-mapping, and --revert.
+
+# gen_images.py hard-codes torch.device('cuda'); on a machine without one, the test answers that call
+# for the CPU inside gen_images (the file itself is run as published).
+GEN_IMAGES_ON_CPU = '''
+    import types, torch, gen_images
+    class CpuTorch(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+    gen_images.torch = CpuTorch('torch')
+    gen_images.torch.device = lambda *args: torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    gen_images.generate_images.main(sys.argv[1:], standalone_mode=False)
+    assert not [m for m in sys.modules if m.startswith('rtm_mapping')]
+'''
+
+
+def rtm_mapping(*args, cwd=None):
+    """`rtm-mapping ARGS`, the console script, in a fresh process."""
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', *map(str, args)], cwd=cwd, env=shim_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize('cfg, extra', [('stylegan3-t', ['--aug=noaug']), ('stylegan2', ['--cond=1', '--aug=ada'])])
+def test_smoke_run_and_stock_gen_images(sg3_checkout, tmp_path, cfg, extra):
+    from stylegan2_ada_patch.dataset import write_dataset
+    originals = {name: (sg3_checkout / name).read_bytes() for name in ('train.py', 'calc_metrics.py')}
+    rtm_mapping('patch', sg3_checkout)
+    write_dataset(str(sg3_checkout / 'data.zip'), count=16, resolution=16, num_classes=3)
+
+    out = train(sg3_checkout, f'--cfg={cfg}', '--cbase=1024', '--cmax=64', '--map=rtm', '--map-h=4', '--smoke=8', '--workers=1', *extra, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert 'rtm-mapping: smoke mode: 8 images on the CPU' in out.stdout
+    run_dir, = (sg3_checkout / 'runs').iterdir()
+    assert run_dir.name.endswith(f'-{cfg}-data-gpus1-batch4-gamma1-rtmH4L1-cpusmoke')
+    snapshot, = run_dir.glob('network-snapshot-*.pkl')
+    family = 'stylegan2' if cfg == 'stylegan2' else 'stylegan3'
+    assert json.loads((run_dir / 'training_options.json').read_text())['G_kwargs']['class_name'] == f'{FAMILIES[family][0]}.Generator'
+
+    stdout = run_stock(GEN_IMAGES_ON_CPU, tmp_path, sg3_checkout,
+                       argv=[f'--network={snapshot}', '--seeds=0-1', '--trunc=0.7', f'--outdir={tmp_path / "out"}',
+                             *(['--class=1'] if '--cond=1' in extra else [])])
+    assert 'Generating image for seed 1' in stdout
+    images = sorted(p.name for p in (tmp_path / 'out').iterdir())
+    assert images == ['seed0000.png', 'seed0001.png']
+
+    rtm_mapping('patch', '--revert', sg3_checkout)
+    assert {name: (sg3_checkout / name).read_bytes() for name in originals} == originals

@@ -277,3 +277,87 @@ class RecursiveTokenMapper(torch.nn.Module):
                 f'steps={self.steps}, inner_steps={self.inner_steps}, grad_steps={self.grad_steps}')
 
 #----------------------------------------------------------------------------
+
+# Around the RTM: what a StyleGAN MappingNetwork does before and after its layers (the label
+# input, the w_avg tracker, broadcast and truncation), written once for the three adapters:
+# rtm_mapping/networks.py (StyleGAN2-ADA), networks_stylegan2.py and networks_stylegan3.py
+# (StyleGAN3). It lives in this file because every RTM pickle carries this file (the RTM's
+# layers get persistent classes) and no other of ours: an adapter unpickled without rtm-mapping
+# installed finds it here. Pure torch; the official parts come from the adapter.
+
+_persistent_classes = dict()    # (persistent_class, class) -> persistent subclass
+
+class StyleMapping:
+    """Mixin for a StyleGAN MappingNetwork whose layers are one RecursiveTokenMapper, `self.rtm`.
+
+    Uses what the official MappingNetwork constructor sets: z_dim, c_dim, w_dim, num_ws,
+    w_avg_beta, embed (the label embedding, when c_dim > 0) and the w_avg buffer.
+    """
+
+    def build_rtm(self, persistence, lr_multiplier: float, **rtm_kwargs) -> RecursiveTokenMapper:
+        """A RecursiveTokenMapper from mapper_input() to w, each submodule re-classed to a persistent
+        subclass by the official `persistence` module (adding no state, as torch.nn.utils.parametrize
+        does), so that pickles embed this file."""
+        in_features = self.z_dim + (self.embed.weight.shape[0] if self.c_dim > 0 else 0)
+        rtm = RecursiveTokenMapper(in_features, self.w_dim, lr_multiplier=lr_multiplier, **rtm_kwargs)
+        for m in rtm.modules():
+            if not persistence.is_persistent(m):
+                key = (persistence.persistent_class, type(m))
+                if key not in _persistent_classes:
+                    _persistent_classes[key] = persistence.persistent_class(type(m))
+                m.__class__ = _persistent_classes[key]
+        return rtm
+
+    def mapper_input(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """What the RTM receives: PixelNorm(z), then PixelNorm(embed(c)) for a conditional model.
+
+        Args:
+            z: [batch, z_dim] latents (ignored when z_dim = 0).
+            c: [batch, c_dim] labels (ignored when c_dim = 0).
+        Returns:
+            float32 [batch, rtm.in_features].
+        """
+        parts = []
+        if self.z_dim > 0:
+            _assert_width(z, self.z_dim, 'z')
+            parts.append(pixel_norm(z))
+        if self.c_dim > 0:
+            _assert_width(c, self.c_dim, 'c')
+            parts.append(pixel_norm(self.embed(c.to(torch.float32))))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def rtm_forward(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1, truncation_cutoff: Optional[int] = None,
+                    update_w_avg: bool = False) -> torch.Tensor:
+        """The official MappingNetwork.forward with the RTM as its layers; the adapter says when to update w_avg.
+        Batches with a non-finite mean leave w_avg as it was (the training loops feed torch.empty()
+        through G at start-up, see misc.print_module_summary)."""
+        with torch.autograd.profiler.record_function('input'):
+            x = self.mapper_input(z, c)
+        x = self.rtm(x)
+
+        if update_w_avg and self.w_avg_beta is not None:
+            with torch.autograd.profiler.record_function('update_w_avg'):
+                batch_avg = x.detach().mean(dim=0)
+                new_avg = batch_avg.lerp(self.w_avg, self.w_avg_beta)
+                self.w_avg.copy_(torch.where(torch.isfinite(batch_avg).all(), new_avg, self.w_avg))
+
+        if self.num_ws is not None:
+            with torch.autograd.profiler.record_function('broadcast'):
+                x = x.unsqueeze(1).repeat([1, self.num_ws, 1])
+
+        if truncation_psi != 1:
+            with torch.autograd.profiler.record_function('truncate'):
+                assert self.w_avg_beta is not None
+                if self.num_ws is None or truncation_cutoff is None:
+                    x = self.w_avg.lerp(x, truncation_psi)
+                else:
+                    x[:, :truncation_cutoff] = self.w_avg.lerp(x[:, :truncation_cutoff], truncation_psi)
+        return x
+
+
+def _assert_width(x: torch.Tensor, width: int, name: str) -> None:
+    """misc.assert_shape(x, [None, width]) of the official code."""
+    if x.ndim != 2 or x.shape[1] != width:
+        raise AssertionError(f'{name} must have shape [batch, {width}], got {list(x.shape)}')
+
+#----------------------------------------------------------------------------

@@ -1,45 +1,50 @@
-"""The feature networks ("detectors") of the official StyleGAN2-ADA metrics, and how to use them offline.
+"""The feature networks ("detectors") of the official StyleGAN2-ADA and StyleGAN3 metrics, and how to use them offline.
 
 The official metrics load each detector with `dnnlib.util.open_url(url)`, which first looks in its
 download cache, `dnnlib.make_cache_dir_path('downloads')` ($DNNLIB_CACHE_DIR/downloads, else
-~/.cache/dnnlib/downloads), for exactly one file named `<md5(url)>_*`, and downloads from NVIDIA's
-CDN only when there is none. `install()` puts a local copy there under that name, so that the
-official code finds it without a network and without any change to its files:
+~/.cache/dnnlib/downloads), for exactly one file named `<md5(url)>_*`, and downloads from NVIDIA
+only when there is none. `install()` puts a local copy there under that name, so that the official
+code finds it without a network and without any change to its files:
 
-    rtm-mapping detectors install inception /path/to/inception-2015-12-05.pt
-    rtm-mapping detectors install vgg16 /path/to/vgg16.pt
+    rtm-mapping detectors install inception /path/to/inception-2015-12-05.pt    # StyleGAN2-ADA's
+    rtm-mapping detectors install inception /path/to/inception-2015-12-05.pkl   # StyleGAN3's
 
-`standin()` builds a tiny TorchScript network with the official call signatures. It is a test tool:
-its features are a fixed random projection of downsampled pixels, and metrics computed with it
-mean nothing.
+The two codebases load the same networks from different URLs and formats: StyleGAN2-ADA TorchScript
+files (`torch.jit.load`), StyleGAN3 pickles (`pickle.load`); `install()` tells them apart by content.
+
+`standin()` builds a tiny network with the official call signatures. It is a test tool: its
+features are a fixed random projection of downsampled pixels, and metrics computed with it mean
+nothing. Which metric needs which detector is rtm_mapping.metrics' business, not this module's.
 """
 
 import hashlib
 import os
+import pickle
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from typing import Dict, Iterable, List, Optional
 
 import click
 import torch
 import torch.nn.functional as F
 
-# name: URL the official metrics load it from.
+# codebase (stylegan2_ada_patch.checkout.CODEBASES): {detector: URL its official metrics load it from}.
 DETECTORS = {
-    'inception': 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt',
-    'vgg16':     'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt',
+    'stylegan2-ada': {
+        'inception': 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt',
+        'vgg16':     'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt',
+    },
+    'stylegan3': {
+        'inception': 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl',
+        'vgg16':     'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/vgg16.pkl',
+    },
 }
-
-# Official metric: detectors it loads (metrics/metric_main.py of NVlabs/stylegan2-ada-pytorch).
-OFFICIAL_METRICS = {
-    'fid50k_full': ('inception',), 'kid50k_full': ('inception',), 'pr50k3_full': ('vgg16',),
-    'ppl2_wend':   ('vgg16',),     'is50k':       ('inception',), 'fid50k':      ('inception',),
-    'kid50k':      ('inception',), 'pr50k3':      ('vgg16',),     'ppl_zfull':   ('vgg16',),
-    'ppl_wfull':   ('vgg16',),     'ppl_zend':    ('vgg16',),     'ppl_wend':    ('vgg16',),
-}
+NAMES = ('inception', 'vgg16')
+FORMATS = {'stylegan2-ada': 'TorchScript', 'stylegan3': 'pickle'}   # how each codebase's metrics load a detector
 
 #----------------------------------------------------------------------------
 
@@ -56,23 +61,23 @@ def cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', 'downloads')
 
 
-def url_of(name_or_url: str) -> str:
-    """The URL of a detector given by name ('inception', 'vgg16') or by URL."""
-    if name_or_url in DETECTORS:
-        return DETECTORS[name_or_url]
+def url_of(name_or_url: str, codebase: str = 'stylegan2-ada') -> str:
+    """The URL of a detector given by name ('inception', 'vgg16') as a codebase's metrics load it, or by URL."""
+    if name_or_url in NAMES:
+        return DETECTORS[codebase][name_or_url]
     if '://' in name_or_url:
         return name_or_url
-    raise ValueError(f'unknown detector {name_or_url!r}: use one of {", ".join(DETECTORS)} or a URL')
+    raise ValueError(f'unknown detector {name_or_url!r}: use one of {", ".join(NAMES)} or a URL')
 
 
 def _url_md5(url: str) -> str:
     return hashlib.md5(url.encode('utf-8')).hexdigest()
 
 
-def cached_files(name_or_url: str) -> List[str]:
+def cached_files(name_or_url: str, codebase: str = 'stylegan2-ada') -> List[str]:
     """Files in the cache that open_url would take for this detector (it uses one only if there is exactly one)."""
     folder = cache_dir()
-    prefix = _url_md5(url_of(name_or_url)) + '_'
+    prefix = _url_md5(url_of(name_or_url, codebase)) + '_'
     if not os.path.isdir(folder):
         return []
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(prefix))
@@ -90,26 +95,38 @@ def _same_bytes(a: str, b: str) -> bool:
                 return True
 
 
-def install(name_or_url: str, local_file: str) -> str:
-    """Copy a local TorchScript detector into dnnlib's download cache, under the name open_url looks for.
+def file_codebase(local_file: str) -> str:
+    """The codebase whose metrics load a detector file like this one: a TorchScript archive (a zip) is
+    StyleGAN2-ADA's format, a pickle StyleGAN3's. Raises ValueError for anything else."""
+    with open(local_file, 'rb') as f:
+        head = f.read(2)
+    if zipfile.is_zipfile(local_file):
+        try:
+            torch.jit.load(local_file, map_location='cpu')
+            return 'stylegan2-ada'
+        except Exception as e:
+            raise ValueError(f'{local_file} is a zip but not a TorchScript file ({type(e).__name__})') from e
+    if head[:1] == pickle.PROTO:
+        return 'stylegan3'
+    raise ValueError(f'{local_file} is not a TorchScript file (StyleGAN2-ADA\'s .pt) nor a pickle (StyleGAN3\'s .pkl)')
 
+
+def install(name_or_url: str, local_file: str) -> str:
+    """Copy a local detector into dnnlib's download cache, under the name open_url looks for.
+
+    A TorchScript file goes where StyleGAN2-ADA's metrics look for it, a pickle where StyleGAN3's do.
     An existing different cached copy is moved aside to `backup-<time>-<its name>` in the same folder
     (a name open_url ignores), never overwritten.
 
     Args:
         name_or_url: 'inception', 'vgg16' or the URL the metric code loads.
-        local_file: The TorchScript file (e.g. inception-2015-12-05.pt downloaded on another machine).
+        local_file: The detector file (e.g. inception-2015-12-05.pt or .pkl downloaded on another machine).
     Returns:
         The path of the cached copy.
     """
-    url = url_of(name_or_url)
     if not os.path.isfile(local_file):
         raise FileNotFoundError(f'{local_file} is not a file')
-    try:
-        torch.jit.load(local_file, map_location='cpu')
-    except Exception as e:
-        raise ValueError(f'{local_file} is not a TorchScript file ({type(e).__name__}); '
-                         f'the metrics need the .pt file served at {url}') from e
+    url = url_of(name_or_url, file_codebase(local_file))
     existing = cached_files(url)
     if len(existing) == 1 and _same_bytes(existing[0], local_file):
         return existing[0]
@@ -125,33 +142,21 @@ def install(name_or_url: str, local_file: str) -> str:
     return target
 
 
-def needed(metrics: Iterable[str]) -> List[str]:
-    """Detectors (names of DETECTORS) that a list of metric names loads: official ones and rtm_mapping.metrics'.
-    Metrics neither knows are left out."""
-    from rtm_mapping.metrics import METRICS
-    names = []
-    for metric in metrics:
-        if metric in OFFICIAL_METRICS:
-            names.extend(OFFICIAL_METRICS[metric])
-        elif metric in METRICS:
-            names.append(METRICS[metric].detector)
-    return sorted(set(names))
+def missing(names: Iterable[str], codebase: str = 'stylegan2-ada') -> List[str]:
+    """Detectors (of NAMES) that a codebase's open_url would download: none, or more than one, cached copy."""
+    return [name for name in names if len(cached_files(name, codebase)) != 1]
 
 
-def missing(metrics: Iterable[str]) -> List[str]:
-    """Detectors that the metrics need and that open_url would download (none, or more than one, cached copy)."""
-    return [name for name in needed(metrics) if len(cached_files(name)) != 1]
-
-
-def offline_help(names: Iterable[str]) -> str:
+def offline_help(names: Iterable[str], codebase: str = 'stylegan2-ada') -> str:
     """What to tell a user whose metrics could not download their detectors."""
     names = list(names)
+    urls = {name: DETECTORS[codebase][name] for name in names}
     lines = [f'The metrics need feature networks that are not in the cache ({cache_dir()}) '
              f'and could not be downloaded: {", ".join(names)}.',
              'Download them on a machine with network access:']
-    lines += [f'    {DETECTORS[name]}' for name in names]
+    lines += [f'    {url}' for url in urls.values()]
     lines += ['then install each copy here (set DNNLIB_CACHE_DIR first if you use it):']
-    lines += [f'    rtm-mapping detectors install {name} /path/to/{DETECTORS[name].split("/")[-1]}' for name in names]
+    lines += [f'    rtm-mapping detectors install {name} /path/to/{url.split("/")[-1]}' for name, url in urls.items()]
     return '\n'.join(lines)
 
 #----------------------------------------------------------------------------
@@ -185,7 +190,9 @@ class StandInDetector(torch.nn.Module):
 
 
 def standin(name: str, path: str, num_features: Optional[int] = None) -> str:
-    """Write a TorchScript stand-in for detector `name` to `path` (a test tool; see StandInDetector).
+    """Write a stand-in for detector `name` to `path` (a test tool; see StandInDetector): TorchScript, as
+    StyleGAN2-ADA's metrics load it, or, for a path ending in .pkl, a pickle, as StyleGAN3's do (it
+    then needs rtm_mapping to load).
 
     Args:
         name: 'inception' (2048 features, 1008 classes) or 'vgg16' (4096 features).
@@ -199,6 +206,10 @@ def standin(name: str, path: str, num_features: Optional[int] = None) -> str:
         raise ValueError(f'unknown detector {name!r}: use one of {", ".join(shapes)}')
     features, classes = shapes[name]
     module = StandInDetector(num_features or features, classes, seed=sorted(shapes).index(name))
+    if path.endswith('.pkl'):
+        with open(path, 'wb') as f:
+            pickle.dump(module.eval(), f)
+        return path
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', DeprecationWarning)     # torch >= 2.10 deprecates TorchScript, the official detectors' format.
         torch.jit.save(torch.jit.script(module.eval()), path)
@@ -213,10 +224,11 @@ def detectors():
 
 
 @detectors.command(name='install')
-@click.argument('name', type=click.Choice(sorted(DETECTORS)))
+@click.argument('name', type=click.Choice(NAMES))
 @click.argument('local_file', type=click.Path(exists=True, dir_okay=False))
 def install_command(name: str, local_file: str):
-    """Copy LOCAL_FILE into dnnlib's download cache as detector NAME.
+    """Copy LOCAL_FILE into dnnlib's download cache as detector NAME (a .pt file for StyleGAN2-ADA's
+    metrics, a .pkl file for StyleGAN3's).
 
     \b
     Example, with a copy downloaded elsewhere:
@@ -225,7 +237,8 @@ def install_command(name: str, local_file: str):
     try:
         target = install(name, local_file)
     except ValueError as e:
-        raise click.ClickException(f'{e}. Pass the file downloaded from {DETECTORS[name]}.') from e
+        urls = ' or '.join(DETECTORS[codebase][name] for codebase in DETECTORS)
+        raise click.ClickException(f'{e}. Pass the file downloaded from {urls}.') from e
     click.echo(f'Installed {name}: {target}')
 
 
@@ -233,9 +246,10 @@ def install_command(name: str, local_file: str):
 def list_command():
     """Show each detector's URL and whether the metrics will find it in the cache."""
     click.echo(f'Cache: {cache_dir()}')
-    for name, url in DETECTORS.items():
-        files = cached_files(name)
-        state = 'cached' if len(files) == 1 else 'not cached' if not files else f'{len(files)} copies cached: open_url ignores them all'
-        click.echo(f'{name:<10s} {state:<12s} {url}')
+    for codebase, urls in DETECTORS.items():
+        for name, url in urls.items():
+            files = cached_files(name, codebase)
+            state = 'cached' if len(files) == 1 else 'not cached' if not files else f'{len(files)} copies cached: open_url ignores them all'
+            click.echo(f'{name:<10s} {state:<12s} {url}')
 
 #----------------------------------------------------------------------------

@@ -18,16 +18,17 @@ NVIDIA's pr50k3 uses closed balls (`<=`). The two differ only on exact ties.
 
 The math (`knn_radii`, `prdc`) is pure torch. The metric functions take the official
 `metric_utils.MetricOptions` and import the official `metrics` package inside the function, so
-this module imports without a StyleGAN2-ADA checkout. `register_metrics()` adds them to
-`metric_main`, so that `--metrics=` of train.py and calc_metrics.py accepts them.
+this module imports without a checkout. `register_metrics()` adds them to `metric_main` of
+StyleGAN2-ADA or StyleGAN3, so that `--metrics=` of train.py and calc_metrics.py accepts them.
 """
 
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
 from rtm_mapping import detectors
+from stylegan2_ada_patch import checkout
 
 #----------------------------------------------------------------------------
 # The math.
@@ -120,7 +121,7 @@ def prdc(
 class PRDCMetric:
     """One registered PRDC metric: which features, which k, how many images."""
     name:           str             # Metric name for --metrics=; result keys are <name>_precision, _recall, _density, _coverage.
-    detector:       str             # Feature network, a key of rtm_mapping.detectors.DETECTORS.
+    detector:       str             # Feature network, one of rtm_mapping.detectors.NAMES.
     k:              int = 5         # Neighbourhood size.
     max_real:       Optional[int] = 200000   # Reference images: the dataset without x-flips, at most this many; None = all.
     num_gen:        Optional[int] = None     # Generated images, None = as many as reference images (StudioGAN's protocol).
@@ -154,7 +155,7 @@ def compute_prdc(opts, metric: PRDCMetric) -> Dict[str, float]:
     from metrics import metric_utils
 
     opts.dataset_kwargs.update(max_size=None, xflip=False)
-    detector_url = detectors.DETECTORS[metric.detector]
+    detector_url = detectors.url_of(metric.detector, checkout.loaded())
     detector_kwargs = dict(return_features=True)
 
     real_features = metric_utils.compute_feature_stats_for_dataset(
@@ -173,6 +174,29 @@ def compute_prdc(opts, metric: PRDCMetric) -> Dict[str, float]:
     return {f'{metric.name}_{key}': values[key] for key in keys}
 
 
+# Official metric: detectors it loads (metrics/metric_main.py of StyleGAN2-ADA and StyleGAN3; the
+# equivariance metrics, StyleGAN3's only, load none).
+OFFICIAL_METRICS = {
+    'fid50k_full': ('inception',), 'kid50k_full': ('inception',), 'pr50k3_full': ('vgg16',),
+    'ppl2_wend':   ('vgg16',),     'is50k':       ('inception',), 'fid50k':      ('inception',),
+    'kid50k':      ('inception',), 'pr50k3':      ('vgg16',),     'ppl_zfull':   ('vgg16',),
+    'ppl_wfull':   ('vgg16',),     'ppl_zend':    ('vgg16',),     'ppl_wend':    ('vgg16',),
+    'eqt50k_int':  (),             'eqt50k_frac': (),             'eqr50k':      (),
+}
+
+
+def detectors_needed(metrics: Iterable[str]) -> List[str]:
+    """Detectors (of rtm_mapping.detectors.NAMES) that a list of metric names loads: official ones and ours.
+    Metrics neither knows are left out."""
+    names = []
+    for metric in metrics:
+        if metric in OFFICIAL_METRICS:
+            names.extend(OFFICIAL_METRICS[metric])
+        elif metric in METRICS:
+            names.append(METRICS[metric].detector)
+    return sorted(set(names))
+
+
 def metric_function(metric: PRDCMetric) -> Callable:
     """The function metric_main registers: named like the metric (register_metric keys by __name__)."""
     def fn(opts):
@@ -185,7 +209,7 @@ def metric_function(metric: PRDCMetric) -> Callable:
 def register_metrics(*extra: PRDCMetric) -> None:
     """Register METRICS (and any `extra` PRDCMetric) with the official metric_main. Idempotent.
 
-    Call it before the official code validates --metrics; the StyleGAN2-ADA checkout must be on sys.path.
+    Call it before the official code validates --metrics; the StyleGAN2-ADA or StyleGAN3 checkout must be on sys.path.
     """
     from metrics import metric_main
     for metric in [*METRICS.values(), *extra]:

@@ -16,7 +16,7 @@ import click
 import numpy as np
 import torch
 
-from rtm_mapping import detectors
+from rtm_mapping import detectors, metrics, swap
 from stylegan2_ada_patch import checkout
 
 #----------------------------------------------------------------------------
@@ -67,13 +67,13 @@ def format_markdown(table: Dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def run_sweep(G, metrics: List[str], steps: List[int], dataset_kwargs: Dict, device: torch.device, seed: int = 0,
+def run_sweep(G, metric_names: List[str], steps: List[int], dataset_kwargs: Dict, device: torch.device, seed: int = 0,
               verbose: bool = False) -> List[Dict]:
-    """Compute `metrics` for G at each inference H with metric_main.calc_metric; G's H is restored afterwards.
+    """Compute the metrics for G at each inference H with metric_main.calc_metric; G's H is restored afterwards.
 
     Args:
         G: An RTM generator (G.mapping.rtm has set_steps), already on `device`.
-        metrics: Registered metric names.
+        metric_names: Registered metric names.
         steps: Inference H values.
         dataset_kwargs: The reference dataset, as calc_metrics.py builds it.
         device: Where to run.
@@ -83,18 +83,17 @@ def run_sweep(G, metrics: List[str], steps: List[int], dataset_kwargs: Dict, dev
     """
     from metrics import metric_main, metric_utils
 
-    if device.type == 'cpu' and not torch.cuda.is_available():
-        from stylegan2_ada_patch import cpu
-        cpu.use_cpu()  # the metric code pins label tensors, which needs an accelerator
+    from stylegan2_ada_patch import cpu
+    on_cpu = device.type == 'cpu' and not torch.cuda.is_available()   # the metric code pins label tensors, which needs an accelerator
     rtm = G.mapping.rtm
     native = rtm.steps
     rows = []
     try:
-        with official_cuda_flags(device):
+        with official_cuda_flags(device), (cpu.cpu_torch() if on_cpu else contextlib.nullcontext()):
             for h in steps:
                 rtm.set_steps(steps=h)
                 row = dict(h=h, native=(h == native), results=dict(), seconds=dict())
-                for metric in metrics:
+                for metric in metric_names:
                     if verbose:
                         click.echo(f'H = {h}: {metric}...')
                     torch.manual_seed(seed)
@@ -109,18 +108,19 @@ def run_sweep(G, metrics: List[str], steps: List[int], dataset_kwargs: Dict, dev
     return rows
 
 
-def _ensure_detectors(metrics: List[str], verbose: bool) -> None:
+def _ensure_detectors(metric_names: List[str], verbose: bool) -> None:
     """Fetch (or find cached) every detector the metrics need now, so that an offline machine fails at once, with instructions."""
     import dnnlib
+    codebase = checkout.loaded()
     failed = []
-    for name in detectors.missing(metrics):
+    for name in detectors.missing(metrics.detectors_needed(metric_names), codebase):
         try:
-            with dnnlib.util.open_url(detectors.DETECTORS[name], verbose=verbose):
+            with dnnlib.util.open_url(detectors.url_of(name, codebase), verbose=verbose):
                 pass
         except Exception:  # open_url re-raises whatever its last download attempt raised.
             failed.append(name)
     if failed:
-        raise click.ClickException(detectors.offline_help(failed))
+        raise click.ClickException(detectors.offline_help(failed, codebase))
 
 #----------------------------------------------------------------------------
 
@@ -163,12 +163,11 @@ def sweep_h(network_pkl: str, metrics_text: str, steps_text: str, data: Optional
     import legacy
     from metrics import metric_main
 
-    from rtm_mapping.metrics import register_metrics
-    register_metrics()
+    metrics.register_metrics()
 
     steps = parse_steps(steps_text)
-    metrics = parse_metrics(metrics_text)
-    unknown = [m for m in metrics if not metric_main.is_valid_metric(m)]
+    metric_names = parse_metrics(metrics_text)
+    unknown = [m for m in metric_names if not metric_main.is_valid_metric(m)]
     if unknown:
         raise click.ClickException(f'Unknown metric(s) {", ".join(unknown)}. Use any of: {", ".join(metric_main.list_valid_metrics())}.')
     if device == 'cuda' and not torch.cuda.is_available():
@@ -181,8 +180,7 @@ def sweep_h(network_pkl: str, metrics_text: str, steps_text: str, data: Optional
     with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
         network_dict = legacy.load_network_pkl(f)
     G = network_dict['G_ema']
-    rtm = getattr(getattr(G, 'mapping', None), 'rtm', None)
-    if rtm is None or not hasattr(rtm, 'set_steps'):
+    if swap.mapper_kind(G) != 'rtm':
         raise click.ClickException(f'{network_pkl} has no Recursive Token Mapper (G_ema.mapping.rtm); '
                                    f'sweep-h needs a pickle trained with --map=rtm. Use calc_metrics.py for other networks.')
     G = copy.deepcopy(G).eval().requires_grad_(False).to(device)
@@ -200,12 +198,12 @@ def sweep_h(network_pkl: str, metrics_text: str, steps_text: str, data: Optional
     if mirror is not None:
         dataset_kwargs.xflip = mirror
 
-    _ensure_detectors(metrics, verbose)
-    rows = run_sweep(G, metrics, steps, dataset_kwargs, device, seed=seed, verbose=verbose)
+    _ensure_detectors(metric_names, verbose)
+    rows = run_sweep(G, metric_names, steps, dataset_kwargs, device, seed=seed, verbose=verbose)
 
     # Write the table.
     stem = os.path.splitext(os.path.basename(network_pkl.rstrip('/')))[0]
-    table = dict(network=network_pkl, native_h=rtm.steps, inner_steps=rtm.inner_steps, metrics=metrics, seed=seed,
+    table = dict(network=network_pkl, native_h=rtm.steps, inner_steps=rtm.inner_steps, metrics=metric_names, seed=seed,
                  device=str(device), dataset_kwargs=dict(dataset_kwargs), rows=rows)
     markdown = format_markdown(table)
     for path, text in [(out_json or f'{stem}-sweep-h.json', json.dumps(table, indent=2) + '\n'), (out_md or f'{stem}-sweep-h.md', markdown)]:

@@ -141,11 +141,11 @@ FIXES = [
 
 def apply(announce: bool = True) -> List[str]:
     """Apply every fix the stack needs; the official code must be on sys.path. Idempotent. Returns the
-    messages of the fixes applied now, printed in the main process only (not in DataLoader or DDP workers)."""
+    messages of the fixes applied now, printed to stderr in the main process only (not in DataLoader or DDP workers)."""
     messages = [message for fix, message in FIXES if fix()]
     if announce and multiprocessing.current_process().name == 'MainProcess':
         for message in messages:
-            print(f'rtm-mapping: {message} for this run.')
+            print(f'rtm-mapping: {message} for this run.', file=sys.stderr)
     return messages
 
 #----------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""Run the official StyleGAN2-ADA scripts on a machine without a GPU, for smoke tests only.
+"""Run the official StyleGAN2-ADA and StyleGAN3 scripts on a machine without a GPU, for smoke tests only.
 
-The official training loop and tools hard-code CUDA (`torch.device('cuda')`, `torch.cuda.Event`,
+The official training loops and tools hard-code CUDA (`torch.device('cuda')`, `torch.cuda.Event`,
 `torch.cuda.reset_peak_memory_stats`, `Tensor.pin_memory()`). Instead of editing them, we replace
 the name `torch` inside the official modules we run with `CPU_TORCH`, a view of torch that
-answers those calls for the CPU. Nothing else in the process is affected.
+answers those calls for the CPU. Nothing else in the process is affected: `cpu_torch()` does it
+for a block and puts `torch` back; `use_cpu()`, for a process that runs only the official script.
 """
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -13,6 +15,8 @@ import types
 
 import click
 import torch
+
+from stylegan2_ada_patch import checkout
 
 #----------------------------------------------------------------------------
 
@@ -46,6 +50,7 @@ _CPU_CUDA = types.SimpleNamespace(
     current_stream          = lambda device=None: None,
     synchronize             = lambda device=None: None,
     max_memory_allocated    = lambda device=None: 0,
+    max_memory_reserved     = lambda device=None: 0,
     reset_peak_memory_stats = lambda device=None: None,
     is_available            = lambda: False,
     device_count            = lambda: 0,
@@ -74,11 +79,29 @@ class _CpuTorch(types.ModuleType):
 CPU_TORCH = _CpuTorch()
 
 
-def use_cpu(*modules):
-    """Make the given official modules, and the metric code they call, see CPU_TORCH as `torch`."""
+def _official_modules(modules):
+    """The given official modules and the metric code they call (which pins label tensors)."""
     from metrics import metric_utils, perceptual_path_length
-    for module in (*modules, metric_utils, perceptual_path_length):
+    return [*modules, metric_utils, perceptual_path_length]
+
+
+def use_cpu(*modules):
+    """Make the given official modules, and the metric code they call, see CPU_TORCH as `torch` for the rest
+    of the process. For processes that run only the official script (train.py --smoke, `rtm-mapping cpu`)."""
+    for module in _official_modules(modules):
         module.torch = CPU_TORCH
+
+
+@contextlib.contextmanager
+def cpu_torch(*modules):
+    """use_cpu() for the duration of a `with` block; each module gets its own `torch` back afterwards."""
+    saved = [(module, module.torch) for module in _official_modules(modules)]
+    use_cpu(*modules)
+    try:
+        yield
+    finally:
+        for module, torch_module in saved:
+            module.torch = torch_module
 
 #----------------------------------------------------------------------------
 
@@ -100,10 +123,8 @@ def load_script(path):
     """Import an official script (generate.py, ...) as a module without running its command."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
-        raise click.ClickException(f'{path} does not exist: give the path of a script in your StyleGAN2-ADA checkout.')
-    root = os.path.dirname(path)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+        raise click.ClickException(f'{path} does not exist: give the path of a script in your StyleGAN2-ADA or StyleGAN3 checkout.')
+    checkout.use(os.path.dirname(path))
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -116,19 +137,20 @@ def load_script(path):
 @click.argument('script', type=click.Path(exists=True, dir_okay=False))
 @click.argument('args', nargs=-1, type=click.UNPROCESSED)
 def cpu(script, args):
-    """Run an official StyleGAN2-ADA SCRIPT (generate.py, style_mixing.py, projector.py,
-    calc_metrics.py) with ARGS on the CPU. For smoke tests: it is slow.
+    """Run an official StyleGAN2-ADA or StyleGAN3 SCRIPT (generate.py, style_mixing.py, projector.py,
+    gen_images.py, calc_metrics.py) with ARGS on the CPU. For smoke tests: it is slow.
 
     \b
     Example:
       rtm-mapping cpu ~/stylegan2-ada-pytorch/generate.py --network=snapshot.pkl --seeds=0-3 --outdir=out
+      rtm-mapping cpu ~/stylegan3/gen_images.py --network=snapshot.pkl --seeds=0-3 --outdir=out
     """
     module = load_script(script)
     from training import training_loop
     use_cpu(module, training_loop)
     commands = [v for v in vars(module).values() if isinstance(v, click.Command) and getattr(v.callback, '__module__', None) == module.__name__]
     if len(commands) != 1:
-        raise click.ClickException(f'{script} does not define exactly one click command; is it an official StyleGAN2-ADA script?')
+        raise click.ClickException(f'{script} does not define exactly one click command; is it an official StyleGAN2-ADA or StyleGAN3 script?')
     commands[0].main(args=list(args), prog_name=os.path.basename(script), standalone_mode=False)
 
 #----------------------------------------------------------------------------

@@ -1,17 +1,34 @@
-"""What a patched StyleGAN2-ADA train.py calls (see stylegan2_ada_patch/patcher.py for the lines).
+"""What a patched train.py calls, in StyleGAN2-ADA and StyleGAN3 (see stylegan2_ada_patch/patcher.py for the lines).
 
     setup()                       at import: today's-stack fixes (compat.py), extra metrics, --resume report.
     mapping_options               click options --map, --map-h, --map-l, ... and --smoke.
-    setup_training_loop_kwargs()  wraps the official function and applies those options.
+    setup_training_loop_kwargs()  StyleGAN2-ADA: wraps the official function and applies those options.
+    apply_options()               StyleGAN3: applies those options to the config train.py built.
+
+What differs between the two codebases is data (CODEBASE_OPTIONS, RTM_GENERATORS); both go through apply().
 """
+
+import os
+import sys
 
 import click
 import torch
 
 from rtm_mapping import core, metrics
-from stylegan2_ada_patch import compat
+from stylegan2_ada_patch import checkout, compat
 
-RTM_GENERATOR = 'rtm_mapping.networks.Generator'
+# Official generator class: the same generator with an RTM mapper (rtm_mapping's adapter of that file).
+RTM_GENERATORS = {
+    'training.networks.Generator':              'rtm_mapping.networks.Generator',
+    'training.networks_stylegan2.Generator':    'rtm_mapping.networks_stylegan2.Generator',
+    'training.networks_stylegan3.Generator':    'rtm_mapping.networks_stylegan3.Generator',
+}
+
+# codebase: options of ours that its train.py already has; there they keep their official meaning.
+CODEBASE_OPTIONS = {
+    'stylegan2-ada':    (),
+    'stylegan3':        ('--map-depth',),
+}
 
 #----------------------------------------------------------------------------
 # setup()
@@ -49,59 +66,72 @@ def setup():
 #----------------------------------------------------------------------------
 # Options. Defaults come from rtm_mapping.core.DEFAULTS; None means "not given".
 
-MAPPING_OPTIONS = [
-    click.option('--map', 'map_kind', help='Mapping network: mlp (official) or rtm [default: mlp]', type=click.Choice(['mlp', 'rtm'])),
-    click.option('--map-h', help=f'RTM refinement steps H [default: {core.DEFAULTS["steps"]}]', type=click.IntRange(min=1), metavar='INT'),
-    click.option('--map-l', help=f'RTM inner cycles L [default: {core.DEFAULTS["inner_steps"]}]', type=click.IntRange(min=1), metavar='INT'),
-    click.option('--map-block', help=f'RTM shared block [default: {core.DEFAULTS["block"]}]', type=click.Choice(list(core.BLOCKS))),
-    click.option('--map-tokens', help=f'RTM number of tokens [default: {core.DEFAULTS["tokens"]}]', type=click.IntRange(min=1), metavar='INT'),
-    click.option('--map-token-dim', help=f'RTM channels per token [default: {core.DEFAULTS["token_dim"]}]', type=click.IntRange(min=1), metavar='INT'),
-    click.option('--map-depth', help='Number of MLP mapping layers with --map=mlp [default: from --cfg]', type=click.IntRange(min=1), metavar='INT'),
-    click.option('--smoke', help='Smoke test: train this many images, snapshot, stop; on the CPU if there is no GPU [default: off]',
-                 type=click.IntRange(min=1), metavar='IMAGES'),
-]
+def rtm_kwargs(steps=None, inner_steps=None, block=None, tokens=None, token_dim=None) -> dict:
+    """The RTM's mapping_kwargs as train.py --map=rtm records them: the ones given, core.DEFAULTS for the others."""
+    given = dict(steps=steps, inner_steps=inner_steps, block=block, tokens=tokens, token_dim=token_dim)
+    return {name: core.DEFAULTS[name] if value is None else value for name, value in given.items()}
+
+
+_INT = dict(type=click.IntRange(min=1), metavar='INT')
+
+MAPPING_OPTIONS = {
+    '--map':           click.option('--map', 'map_kind', help='Mapping network: mlp (official) or rtm [default: mlp]', type=click.Choice(['mlp', 'rtm'])),
+    '--map-h':         click.option('--map-h', help=f'RTM refinement steps H [default: {core.DEFAULTS["steps"]}]', **_INT),
+    '--map-l':         click.option('--map-l', help=f'RTM inner cycles L [default: {core.DEFAULTS["inner_steps"]}]', **_INT),
+    '--map-block':     click.option('--map-block', help=f'RTM shared block [default: {core.DEFAULTS["block"]}]', type=click.Choice(list(core.BLOCKS))),
+    '--map-tokens':    click.option('--map-tokens', help=f'RTM number of tokens [default: {core.DEFAULTS["tokens"]}]', **_INT),
+    '--map-token-dim': click.option('--map-token-dim', help=f'RTM channels per token [default: {core.DEFAULTS["token_dim"]}]', **_INT),
+    '--map-depth':     click.option('--map-depth', help='Number of MLP mapping layers with --map=mlp [default: from --cfg]', **_INT),
+    '--smoke':         click.option('--smoke', help='Smoke test: train this many images, snapshot, stop; on the CPU if there is no GPU [default: off]',
+                                    type=click.IntRange(min=1), metavar='IMAGES'),
+}
+
+
+def _codebase_of(fn) -> str:
+    """The codebase of the train.py that defines fn."""
+    return checkout.codebase(os.path.dirname(os.path.abspath(sys.modules[fn.__module__].__file__)))
 
 
 def mapping_options(fn):
-    """Decorator adding the rtm-mapping options to train.py's main()."""
-    for option in reversed(MAPPING_OPTIONS):
-        fn = option(fn)
+    """Decorator adding the rtm-mapping options to train.py's main() (those its codebase does not have already)."""
+    official = CODEBASE_OPTIONS[_codebase_of(fn)]
+    for name, option in reversed(MAPPING_OPTIONS.items()):
+        if name not in official:
+            fn = option(fn)
     return fn
 
 
-def apply_mapping_options(desc, args, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None, map_token_dim=None, map_depth=None):
+def apply_mapping_options(desc, G_kwargs, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None, map_token_dim=None,
+                          map_depth=None, codebase='stylegan2-ada'):
     """Turn the --map options into G_kwargs; returns the run description with their suffix."""
     rtm_given = {name: value for name, value in [('--map-h', map_h), ('--map-l', map_l), ('--map-block', map_block),
                                                  ('--map-tokens', map_tokens), ('--map-token-dim', map_token_dim)] if value is not None}
     if map_kind != 'rtm':
         if rtm_given:
             raise click.UsageError(f'{", ".join(rtm_given)} need --map=rtm.')
-        if map_depth is not None:
-            args.G_kwargs.mapping_kwargs.num_layers = map_depth
+        if map_depth is not None and '--map-depth' not in CODEBASE_OPTIONS[codebase]:
+            G_kwargs.mapping_kwargs.num_layers = map_depth
             desc += f'-map{map_depth}'
         return desc
 
     if map_depth is not None:
         raise click.UsageError('--map-depth sets the depth of the MLP mapper; with --map=rtm, use --map-h and --map-l.')
-    rtm_kwargs = dict(
-        steps       = core.DEFAULTS['steps'] if map_h is None else map_h,
-        inner_steps = core.DEFAULTS['inner_steps'] if map_l is None else map_l,
-        block       = core.DEFAULTS['block'] if map_block is None else map_block,
-        tokens      = core.DEFAULTS['tokens'] if map_tokens is None else map_tokens,
-        token_dim   = core.DEFAULTS['token_dim'] if map_token_dim is None else map_token_dim,
-    )
+    if G_kwargs.class_name not in RTM_GENERATORS:
+        raise click.UsageError(f'--map=rtm replaces the mapper of the official generators ({", ".join(RTM_GENERATORS)}); '
+                               f'this train.py builds {G_kwargs.class_name}.')
+    kwargs = rtm_kwargs(steps=map_h, inner_steps=map_l, block=map_block, tokens=map_tokens, token_dim=map_token_dim)
     try:  # validate here, with the user's flag names, rather than in the training process
-        core.RecursiveTokenMapper(args.G_kwargs.z_dim, args.G_kwargs.w_dim, **rtm_kwargs)
+        core.RecursiveTokenMapper(G_kwargs.z_dim, G_kwargs.w_dim, **kwargs)
     except ValueError as err:
         raise click.UsageError(f'invalid RTM options: {err}') from err
-    args.G_kwargs.class_name = RTM_GENERATOR
-    args.G_kwargs.mapping_kwargs.pop('num_layers', None)
-    args.G_kwargs.mapping_kwargs.update(rtm_kwargs)
-    desc += f'-rtmH{rtm_kwargs["steps"]}L{rtm_kwargs["inner_steps"]}'
-    if rtm_kwargs['block'] != core.DEFAULTS['block']:
-        desc += f'-{rtm_kwargs["block"]}'
-    if (rtm_kwargs['tokens'], rtm_kwargs['token_dim']) != (core.DEFAULTS['tokens'], core.DEFAULTS['token_dim']):
-        desc += f'-tok{rtm_kwargs["tokens"]}x{rtm_kwargs["token_dim"]}'
+    G_kwargs.class_name = RTM_GENERATORS[G_kwargs.class_name]
+    G_kwargs.mapping_kwargs.pop('num_layers', None)
+    G_kwargs.mapping_kwargs.update(kwargs)
+    desc += f'-rtmH{kwargs["steps"]}L{kwargs["inner_steps"]}'
+    if kwargs['block'] != core.DEFAULTS['block']:
+        desc += f'-{kwargs["block"]}'
+    if (kwargs['tokens'], kwargs['token_dim']) != (core.DEFAULTS['tokens'], core.DEFAULTS['token_dim']):
+        desc += f'-tok{kwargs["tokens"]}x{kwargs["token_dim"]}'
     return desc
 
 
@@ -122,22 +152,62 @@ def apply_smoke(desc, args, images, metrics_given):
         args.metrics = []
     if on_cpu:
         cpu.use_cpu(training_loop)
-        args.G_kwargs.synthesis_kwargs.num_fp16_res = args.D_kwargs.num_fp16_res = 0
-        args.G_kwargs.synthesis_kwargs.conv_clamp = args.D_kwargs.conv_clamp = None
+        synthesis_kwargs = args.G_kwargs.get('synthesis_kwargs', args.G_kwargs)   # StyleGAN3's are flat, as legacy.py reads them
+        synthesis_kwargs.num_fp16_res = args.D_kwargs.num_fp16_res = 0
+        synthesis_kwargs.conv_clamp = args.D_kwargs.conv_clamp = None
         args.data_loader_kwargs.pin_memory = False
     print(f'rtm-mapping: smoke mode: {images} images on the {"CPU (no CUDA), fp32" if on_cpu else "GPU"}, one tick, small snapshot grid'
           f'{"" if metrics_given else ", no metrics"}. This checks the pipeline; it is not training.')
     return desc + ('-cpusmoke' if on_cpu else '-smoke')
 
 
+def fix_adam_betas(args) -> bool:
+    """Make the optimizers' betas floats where this PyTorch refuses Adam(betas=[0, 0.99]) (an int and a float),
+    as StyleGAN3's train.py writes them; returns True if a fix was needed."""
+    fixed = False
+    for opt_kwargs in (args.G_opt_kwargs, args.D_opt_kwargs):
+        betas = opt_kwargs.get('betas')
+        if opt_kwargs.get('class_name') != 'torch.optim.Adam' or betas is None or all(isinstance(beta, float) for beta in betas):
+            continue
+        try:
+            torch.optim.Adam([torch.zeros([1], requires_grad=True)], betas=betas)
+        except ValueError:
+            opt_kwargs.betas = [float(beta) for beta in betas]
+            fixed = True
+    if fixed:
+        print(f'rtm-mapping: PyTorch {torch.__version__} refuses Adam betas that mix int and float; made them floats for this run.')
+    return fixed
+
+
+def _metrics_given() -> bool:
+    """Whether the user passed --metrics to the running train.py."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source('metrics') not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def apply(codebase, desc, args, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None, map_token_dim=None,
+          map_depth=None, smoke=None):
+    """The rtm-mapping options applied to the training config `args` of a codebase's train.py; returns the run description."""
+    fix_adam_betas(args)
+    desc = apply_mapping_options(desc, args.G_kwargs, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
+                                 map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth, codebase=codebase)
+    if smoke is not None:
+        desc = apply_smoke(desc, args, smoke, metrics_given=_metrics_given())
+    return desc
+
+
 def setup_training_loop_kwargs(official, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None,
                                map_token_dim=None, map_depth=None, smoke=None, **config_kwargs):
-    """train.py's setup_training_loop_kwargs(), then the rtm-mapping options on top."""
+    """StyleGAN2-ADA's train.py: its setup_training_loop_kwargs(), then the rtm-mapping options on top."""
     desc, args = official(**config_kwargs)
-    desc = apply_mapping_options(desc, args, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
-                                 map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth)
-    if smoke is not None:
-        desc = apply_smoke(desc, args, smoke, metrics_given=config_kwargs.get('metrics') is not None)
+    desc = apply('stylegan2-ada', desc, args, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
+                 map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth, smoke=smoke)
     return desc, args
+
+
+def apply_options(c, desc, opts):
+    """StyleGAN3's train.py: the rtm-mapping options among its command-line options `opts` applied to the config `c` it built."""
+    ours = {key: opts.get(key) for key in ('map_kind', 'map_h', 'map_l', 'map_block', 'map_tokens', 'map_token_dim', 'map_depth', 'smoke')}
+    return apply('stylegan3', desc, c, **ours)
 
 #----------------------------------------------------------------------------

@@ -97,8 +97,8 @@ def test_apply_fixes_what_the_stack_needs_once(stylegan_root, capsys, monkeypatc
     monkeypatch.setattr(misc, 'InfiniteSampler', misc.InfiniteSampler)                           # Both restored after the test.
     monkeypatch.setattr(frechet_inception_distance, 'scipy', frechet_inception_distance.scipy)
     first = compat.apply()
-    assert capsys.readouterr().out.splitlines() == [f'rtm-mapping: {message} for this run.' for message in first]
-    assert compat.apply() == [] and capsys.readouterr().out == ''
+    assert capsys.readouterr().err.splitlines() == [f'rtm-mapping: {message} for this run.' for message in first]
+    assert compat.apply() == [] and capsys.readouterr().err == ''
     sampler = misc.InfiniteSampler(list(range(10)), seed=1)                 # TypeError on PyTorch 2 without the fix
     assert next(iter(sampler)) in range(10)
     root, error = frechet_inception_distance.scipy.linalg.sqrtm(np.eye(3) * 4, disp=False)    # TypeError on SciPy 1.18

@@ -3,6 +3,7 @@
 
 import hashlib
 import os
+import pickle
 
 import numpy as np
 import PIL.Image
@@ -11,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from rtm_mapping import detectors
-from rtm_mapping.metrics import METRICS, PRDCMetric, knn_radii, prdc
+from rtm_mapping.metrics import METRICS, PRDCMetric, detectors_needed, knn_radii, prdc
 from stylegan2_ada_patch import cpu
 
 #----------------------------------------------------------------------------
@@ -111,11 +112,22 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_install_uses_open_urls_cache_name(cache, tmp_path):
-    url = detectors.DETECTORS['inception']
+    url = detectors.DETECTORS['stylegan2-ada']['inception']
     path = detectors.install('inception', detectors.standin('inception', str(tmp_path / 'inception.pt'), num_features=8))
     assert path == str(cache / f'{hashlib.md5(url.encode()).hexdigest()}_inception-2015-12-05.pt')
-    assert detectors.missing(['fid50k_full', 'prdc_full', 'pr50k3_full', 'prdc_vgg_full']) == ['vgg16']
-    assert detectors.missing(['fid50k_full', 'is50k']) == []
+    assert detectors.missing(detectors_needed(['fid50k_full', 'prdc_full', 'pr50k3_full', 'prdc_vgg_full'])) == ['vgg16']
+    assert detectors.missing(detectors_needed(['fid50k_full', 'is50k'])) == []
+    assert detectors.missing(detectors_needed(['fid50k_full']), 'stylegan3') == ['inception']   # StyleGAN3 loads a pickle from elsewhere
+
+
+def test_a_pickle_installs_where_stylegan3_looks(cache, tmp_path):
+    url = detectors.DETECTORS['stylegan3']['vgg16']
+    path = detectors.install('vgg16', detectors.standin('vgg16', str(tmp_path / 'vgg16.pkl'), num_features=8))
+    assert path == str(cache / f'{hashlib.md5(url.encode()).hexdigest()}_vgg16.pkl')
+    assert detectors.cached_files('vgg16', 'stylegan3') == [path] and detectors.cached_files('vgg16') == []
+    with open(path, 'rb') as f:
+        assert pickle.load(f)(torch.zeros([2, 3, 8, 8], dtype=torch.uint8), return_features=True).shape == (2, 8)
+    assert detectors_needed(['eqt50k_int', 'prdc_vgg_full']) == ['vgg16']
 
 
 def test_install_keeps_a_backup_of_a_different_copy(cache, tmp_path):
@@ -147,7 +159,9 @@ def test_docs_install_command(cache, tmp_path):
 
 def test_offline_help_names_the_command():
     text = detectors.offline_help(['vgg16'])
-    assert detectors.DETECTORS['vgg16'] in text and 'rtm-mapping detectors install vgg16 /path/to/vgg16.pt' in text
+    assert detectors.DETECTORS['stylegan2-ada']['vgg16'] in text and 'rtm-mapping detectors install vgg16 /path/to/vgg16.pt' in text
+    text = detectors.offline_help(['vgg16'], 'stylegan3')
+    assert detectors.DETECTORS['stylegan3']['vgg16'] in text and 'rtm-mapping detectors install vgg16 /path/to/vgg16.pkl' in text
 
 
 def test_standin_signatures(tmp_path):
@@ -168,7 +182,7 @@ def official_metrics(stylegan_root, tmp_path, monkeypatch):
     """The official metric modules, with the stand-in detectors installed in a fresh dnnlib cache under tmp_path."""
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'dnnlib'))
     from metrics import metric_main, metric_utils
-    for name in detectors.DETECTORS:
+    for name in detectors.NAMES:
         detectors.install(name, detectors.standin(name, str(tmp_path / f'{name}.pt'), num_features=16))
     monkeypatch.setattr(metric_utils, '_feature_detector_cache', dict())
     monkeypatch.setattr(metric_main, '_metric_dict', dict(metric_main._metric_dict))   # Registrations last for the test only.

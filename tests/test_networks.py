@@ -2,14 +2,12 @@
 
 import inspect
 import io
-import os
 import pickle
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from conftest import run_stock
 
 SMALL = dict(z_dim=64, w_dim=64, img_resolution=16, img_channels=3,
              mapping_kwargs=dict(steps=4, tokens=4, token_dim=16),
@@ -115,22 +113,6 @@ def test_official_loss_phases_with_style_mixing_and_augment(stylegan_root):
 def snapshot(G, D):
     import copy
     return dict(G=G, D=D, G_ema=copy.deepcopy(G).eval(), augment_pipe=None, training_set_kwargs=None)
-
-
-def run_stock(script: str, cwd, root):
-    """Run python code in a fresh process with only the StyleGAN2-ADA checkout: rtm-mapping cannot be imported."""
-    block = textwrap.dedent('''
-        import sys, importlib.abc
-        class _NotInstalled(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('rtm_mapping', 'stylegan2_ada_patch'):
-                    raise ModuleNotFoundError(name)
-        sys.meta_path.insert(0, _NotInstalled())
-    ''')
-    env = dict(os.environ, PYTHONPATH=root)
-    out = subprocess.run([sys.executable, '-c', block + textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
 
 
 @pytest.mark.parametrize('c_dim', [0, 3])

@@ -27,9 +27,9 @@ def run_patch(*args):
     return result.exit_code, result.output
 
 
-def fake_checkout(root, train_text):
+def fake_checkout(root, train_text, codebase='stylegan2-ada'):
     """A folder shaped like a checkout, with our own stand-in files (no NVIDIA code)."""
-    for name in patcher.checkout._REQUIRED + ('calc_metrics.py',):
+    for name in patcher.checkout.CODEBASES[codebase].files:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text('# stand-in\n')
@@ -45,33 +45,43 @@ def test_unrecognised_train_py_is_refused_and_left_alone(tmp_path):
     assert not (root / 'train.py.rtm-orig').exists()
 
 
-def test_stylegan3_checkout_is_refused(tmp_path):
-    root = fake_checkout(tmp_path, '')
-    (root / 'training' / 'networks_stylegan2.py').write_text('# stand-in\n')
+def test_unrecognised_stylegan3_train_py_is_refused(tmp_path):
+    root = fake_checkout(tmp_path, 'import torch\n\nimport dnnlib\n', codebase='stylegan3')
     code, out = run_patch(root)
-    assert code != 0 and 'StyleGAN3' in out
+    assert code != 0 and 'not a StyleGAN3 train.py we recognise' in out and 'NVlabs/stylegan3' in out and 'Nothing was changed' in out
+    assert (root / 'train.py').read_text() == 'import torch\n\nimport dnnlib\n'
+
+
+def test_not_a_checkout_is_refused(tmp_path):
+    (tmp_path / 'train.py').write_text('# stand-in\n')
+    code, out = run_patch(tmp_path)
+    assert code != 0 and 'not a StyleGAN checkout rtm-mapping knows' in out
+    assert 'NVlabs/stylegan2-ada-pytorch' in out and 'NVlabs/stylegan3' in out
+
+
+EDITS = patcher.EDITS['stylegan2-ada']
 
 
 def test_patch_is_idempotent_and_reverts_byte_for_byte(checkout):
-    originals = {name: (checkout / name).read_bytes() for name in patcher.EDITS}
+    originals = {name: (checkout / name).read_bytes() for name in EDITS}
     code, out = run_patch(checkout)
     assert code == 0 and out.count('Patched') == 2
-    patched = {name: (checkout / name).read_bytes() for name in patcher.EDITS}
+    patched = {name: (checkout / name).read_bytes() for name in EDITS}
     added = [line for line in patched['train.py'].decode().splitlines() if patcher.MARK in line]
     assert 2 <= len(added) <= 5  # a few lines, each marked
 
     code, out = run_patch(checkout)
     assert code == 0 and out.count('already patched') == 2
-    assert {name: (checkout / name).read_bytes() for name in patcher.EDITS} == patched
+    assert {name: (checkout / name).read_bytes() for name in EDITS} == patched
 
     code, out = run_patch(checkout, '--check')
     assert code == 0 and out.count(': patched') == 2
-    for name in patcher.EDITS:
+    for name in EDITS:
         assert (checkout / (name + patcher.BACKUP_SUFFIX)).read_bytes() == originals[name]
 
     code, out = run_patch(checkout, '--revert')
     assert code == 0
-    assert {name: (checkout / name).read_bytes() for name in patcher.EDITS} == originals
+    assert {name: (checkout / name).read_bytes() for name in EDITS} == originals
     code, out = run_patch(checkout, '--check')
     assert code == 0 and out.count(': official') == 2
 

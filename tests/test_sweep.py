@@ -51,7 +51,7 @@ def setup(stylegan_root, tmp_path, monkeypatch, write_images):
 
     from rtm_mapping import networks
     monkeypatch.setattr(metric_utils, '_feature_detector_cache', dict())
-    for name in detectors.DETECTORS:
+    for name in detectors.NAMES:
         detectors.install(name, detectors.standin(name, str(tmp_path / f'{name}.pt'), num_features=16))
     metric_main.register_metric(fid_test)
     metric_main.register_metric(failing_test)
@@ -89,13 +89,14 @@ def test_sweep_writes_one_table(setup):
     assert json.loads((out / 'rtm-sweep-h.json').read_text())['rows'][0]['results']['fid_test'] == table['rows'][1]['results']['fid_test']
 
 
-def test_h_is_restored_when_a_metric_fails(setup):
-    from metrics import metric_main  # noqa: F401  (registered by the fixture)
+def test_h_and_torch_are_restored_when_a_metric_fails(setup):
+    from metrics import metric_utils, perceptual_path_length
     G = setup['G']
     with pytest.raises(RuntimeError, match='metric failed'):
         run_sweep(G, ['failing_test'], [8, 16], dict(class_name='training.dataset.ImageFolderDataset', path=str(setup['data'])),
                   torch.device('cpu'))
     assert G.mapping.rtm.steps == NATIVE_H
+    assert metric_utils.torch is torch and perceptual_path_length.torch is torch   # the CPU substitution ends with the sweep
 
 
 def test_refuses_a_pickle_without_rtm(setup):
@@ -126,4 +127,4 @@ def test_offline_user_is_told_how_to_install_detectors(setup, monkeypatch):
     result = CliRunner().invoke(sweep_h, ['--network', str(setup['pkl']), '--stylegan', setup['root'], '--device', 'cpu',
                                           '--verbose', 'false', '--metrics', 'prdc_vgg_full'])
     assert result.exit_code == 1
-    assert 'rtm-mapping detectors install vgg16 /path/to/vgg16.pt' in result.output and detectors.DETECTORS['vgg16'] in result.output
+    assert 'rtm-mapping detectors install vgg16 /path/to/vgg16.pt' in result.output and detectors.DETECTORS['stylegan2-ada']['vgg16'] in result.output

@@ -1,0 +1,334 @@
+"""rtm-mapping in NVIDIA's StyleGAN3 code (needs STYLEGAN3_ROOT): the RTM generators of both of its
+families (networks_stylegan2.py for --cfg=stylegan2, networks_stylegan3.py for stylegan3-t/r), their
+pickles without rtm-mapping, the train.py patch, CPU smoke runs and the tools on its pickles."""
+
+import copy
+import importlib
+import inspect
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import run_stock
+
+# family: (our adapter, the official module it extends, small synthesis arguments)
+FAMILIES = {
+    'stylegan2': ('rtm_mapping.networks_stylegan2', 'training.networks_stylegan2', dict(channel_base=256, channel_max=32)),
+    'stylegan3': ('rtm_mapping.networks_stylegan3', 'training.networks_stylegan3', dict(channel_base=256, channel_max=32)),
+}
+RTM = dict(steps=3, tokens=4, token_dim=8)
+
+
+def modules(family):
+    ours, official, _ = FAMILIES[family]
+    return importlib.import_module(ours), importlib.import_module(official)
+
+
+def build(family, c_dim=0, official=False, **mapping_kwargs):
+    """A small Generator of a family: ours (RTM) or the official one (MLP)."""
+    ours, theirs = modules(family)
+    cls = theirs.Generator if official else ours.Generator
+    kwargs = {} if official else dict(RTM, **mapping_kwargs)
+    return cls(z_dim=32, c_dim=c_dim, w_dim=32, img_resolution=16, img_channels=3, mapping_kwargs=kwargs,
+               num_fp16_res=0, conv_clamp=None, **FAMILIES[family][2])
+
+
+def build_d(c_dim=0):
+    from training import networks_stylegan2
+    return networks_stylegan2.Discriminator(c_dim=c_dim, img_resolution=16, img_channels=3, channel_base=256, channel_max=32,
+                                            num_fp16_res=0, conv_clamp=None, epilogue_kwargs=dict(mbstd_group_size=4))
+
+
+def labels(n, c_dim):
+    return torch.eye(c_dim)[torch.arange(n) % c_dim] if c_dim else torch.zeros(n, 0)
+
+
+def original_init(cls):
+    """The constructor under persistence's Decorator."""
+    return cls.__mro__[1].__init__
+
+#----------------------------------------------------------------------------
+# Networks.
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_signatures_are_the_official_ones(stylegan3_root, family):
+    ours, theirs = modules(family)
+    for name in ('MappingNetwork', 'Generator'):
+        mine, official = getattr(ours, name), getattr(theirs, name)
+        assert issubclass(mine, official)
+        params = inspect.signature(original_init(mine)).parameters
+        for arg, param in inspect.signature(original_init(official)).parameters.items():
+            default = None if arg == 'mapping_kwargs' else param.default   # None instead of a mutable {}
+            assert arg in params and params[arg].default == default and params[arg].kind == param.kind, (name, arg)
+        assert inspect.signature(mine.forward) == inspect.signature(official.forward), name
+    assert inspect.signature(original_init(ours.MappingNetwork)).parameters['w_avg_beta'].default == 0.998
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_generator_built_by_name(stylegan3_root, family):
+    import dnnlib
+    G = dnnlib.util.construct_class_by_name(class_name=f'{FAMILIES[family][0]}.Generator', z_dim=32, c_dim=0, w_dim=32,
+                                            img_resolution=16, img_channels=3, mapping_kwargs=RTM, num_fp16_res=0, **FAMILIES[family][2])
+    assert G.init_kwargs.mapping_kwargs == RTM and G.init_kwargs.channel_base == 256   # synthesis arguments stay flat
+    assert G.mapping.rtm.steps == 3 and G.mapping.num_ws == G.num_ws == G.synthesis.num_ws
+    assert not [name for name, _ in G.mapping.named_parameters() if name.startswith('fc')]
+    img = G(torch.randn(2, 32), None, noise_mode='const')
+    assert img.shape == (2, 3, 16, 16) and torch.isfinite(img).all()
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+@pytest.mark.parametrize('c_dim', [0, 5])
+def test_mapping_keeps_official_semantics(stylegan3_root, family, c_dim):
+    G, official = build(family, c_dim=c_dim), build(family, c_dim=c_dim, official=True)
+    m = G.mapping.train()
+    z, c = torch.randn(8, 32), labels(8, c_dim)
+
+    # The RTM receives exactly the official mapper's input (the official mapping without layers returns it).
+    ref = type(official.mapping)(z_dim=32, c_dim=c_dim, w_dim=32, num_ws=G.num_ws, num_layers=0)
+    if c_dim:
+        ref.embed.load_state_dict(m.embed.state_dict())
+    assert torch.equal(m.mapper_input(z, c), ref(z, c)[:, 0]) and m.mapper_input(z, c).dtype == torch.float32
+
+    # w_avg moves only with update_emas=True, as in StyleGAN3 (not with train mode, as in StyleGAN2-ADA).
+    ws = m(z, c)
+    assert ws.shape == (8, G.num_ws, 32) and torch.equal(ws[:, 0], ws[:, -1])
+    assert torch.equal(m.w_avg, torch.zeros(32))
+    m.eval()(z, c, update_emas=True)
+    torch.testing.assert_close(m.w_avg, ws[:, 0].mean(0) * (1 - 0.998))   # lerp from zeros
+    m(torch.full([8, 32], float('nan')), c, update_emas=True)
+    assert torch.isfinite(m.w_avg).all()
+
+    w = m(z, c)
+    torch.testing.assert_close(m(z, c, truncation_psi=0.5), m.w_avg.lerp(w, 0.5))
+    cut = m(z, c, truncation_psi=0.5, truncation_cutoff=2)
+    torch.testing.assert_close(cut[:, :2], m.w_avg.lerp(w[:, :2], 0.5))
+    assert torch.equal(cut[:, 2:], w[:, 2:])
+    if c_dim:
+        assert not torch.allclose(m(z, c), m(z, c.roll(1, dims=1)))
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_official_loss_phases(stylegan3_root, family):
+    from training.loss import StyleGAN2Loss
+    G, D = build(family, c_dim=3).train(), build_d(c_dim=3).train()
+    extra = dict(style_mixing_prob=1.0, pl_weight=2) if family == 'stylegan2' else dict(blur_init_sigma=2, blur_fade_kimg=1)
+    loss = StyleGAN2Loss(device=torch.device('cpu'), G=G, D=D, r1_gamma=1.0, **extra)
+    real, c = torch.randn(4, 3, 16, 16), labels(4, 3)
+    before = G.mapping.w_avg.clone()
+    phases = [('Gmain', G), ('Greg', G), ('Dmain', D), ('Dreg', D)] if family == 'stylegan2' else [('Gmain', G), ('Dmain', D), ('Dreg', D)]
+    for phase, module in phases:   # Greg is path length regularisation, off for stylegan3-t/r
+        for net in (G, D):
+            net.requires_grad_(net is module)
+            net.zero_grad(set_to_none=True)
+        loss.accumulate_gradients(phase=phase, real_img=real, real_c=c, gen_z=torch.randn(4, 32), gen_c=c, gain=1, cur_nimg=0)
+        grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+        assert grads and all(torch.isfinite(g).all() for g in grads.values()), phase
+        if phase in ('Gmain', 'Greg'):
+            rtm = [g for name, g in grads.items() if name.startswith('mapping.rtm.')]
+            assert len(rtm) == len(list(G.mapping.rtm.parameters())) and all(g.abs().sum() > 0 for g in rtm), phase
+    assert not torch.equal(G.mapping.w_avg, before)   # Dmain runs G with update_emas=True
+
+
+def snapshot(G, D):
+    return dict(G=G, D=D, G_ema=copy.deepcopy(G).eval(), augment_pipe=None, training_set_kwargs=None)
+
+
+@pytest.mark.parametrize('family, c_dim', [('stylegan2', 3), ('stylegan3', 0)])
+def test_pickles_load_and_run_without_the_package(stylegan3_root, tmp_path, family, c_dim):
+    G = build(family, c_dim=c_dim)
+    data = snapshot(G, build_d(c_dim=c_dim))
+    z, c = torch.randn(4, 32), labels(4, c_dim)
+    with open(tmp_path / 'snapshot.pkl', 'wb') as f:
+        pickle.dump(data, f)
+    G_ema = data['G_ema']
+    torch.save(dict(z=z, c=c, img=G_ema(z, c, truncation_psi=0.7, noise_mode='const'), w=G_ema.mapping(z, c)), tmp_path / 'ref.pt')
+
+    out = run_stock('''
+        import sys, torch, legacy
+        ref = torch.load('ref.pt')
+        with open('snapshot.pkl', 'rb') as f:
+            G_ema = legacy.load_network_pkl(f)['G_ema']
+        assert not [m for m in sys.modules if m.startswith('rtm_mapping')]
+        img = G_ema(ref['z'], ref['c'], truncation_psi=0.7, noise_mode='const')
+        assert torch.equal(img, ref['img']), (img - ref['img']).abs().max()
+        with open('snapshot.pkl', 'rb') as f:
+            rebuilt = legacy.load_network_pkl(f, force_fp16=True)['G_ema']
+        assert rebuilt.init_kwargs.num_fp16_res == 4 and hasattr(rebuilt.mapping, 'rtm')
+        assert torch.equal(rebuilt.mapping(ref['z'], ref['c']), ref['w'])
+        print('ok', type(rebuilt.mapping).__name__, rebuilt.mapping.rtm.steps)
+    ''', tmp_path, stylegan3_root)
+    assert out.strip() == 'ok MappingNetwork 3'
+
+
+def test_force_fp16_rebuild_keeps_rtm(stylegan3_root):
+    import legacy
+    G = build('stylegan3', block='attention', token_dim=16)
+    buf = io.BytesIO()
+    pickle.dump(snapshot(G, build_d()), buf)
+    buf.seek(0)
+    rebuilt = legacy.load_network_pkl(buf, force_fp16=True)['G_ema']
+    assert rebuilt.init_kwargs.num_fp16_res == 4 and rebuilt.mapping.rtm.block_name == 'attention'
+    z = torch.randn(2, 32)
+    assert torch.equal(rebuilt.mapping(z, None), G.eval().mapping(z, None))
+
+#----------------------------------------------------------------------------
+# The patch of StyleGAN3's train.py and calc_metrics.py.
+
+@pytest.fixture
+def sg3_checkout(stylegan3_root, tmp_path):
+    """A private copy of the StyleGAN3 checkout, so that patching never touches the user's files."""
+    root = tmp_path / 'stylegan3'
+    shutil.copytree(stylegan3_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig', 'docs', 'gui_utils', 'viz'))
+    return root
+
+
+def run_patch(*args):
+    from stylegan2_ada_patch import patcher
+    result = CliRunner().invoke(patcher.patch, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_patch_is_idempotent_and_reverts_byte_for_byte(sg3_checkout):
+    from stylegan2_ada_patch import patcher
+    names = list(patcher.EDITS['stylegan3'])
+    originals = {name: (sg3_checkout / name).read_bytes() for name in names}
+    code, out = run_patch(sg3_checkout)
+    assert code == 0 and out.count('Patched') == 2
+    patched = {name: (sg3_checkout / name).read_bytes() for name in names}
+    added = [line for line in patched['train.py'].decode().splitlines() if patcher.MARK in line]
+    assert 2 <= len(added) <= 5  # a few lines, each marked
+    text = patched['train.py'].decode()
+    assert text.index('rtm_hooks.setup()') < text.index('from training import training_loop')   # before anything imports pkg_resources
+
+    code, out = run_patch(sg3_checkout)
+    assert code == 0 and out.count('already patched') == 2
+    assert {name: (sg3_checkout / name).read_bytes() for name in names} == patched
+    for name in names:
+        assert (sg3_checkout / (name + patcher.BACKUP_SUFFIX)).read_bytes() == originals[name]
+
+    code, out = run_patch(sg3_checkout, '--revert')
+    assert code == 0 and {name: (sg3_checkout / name).read_bytes() for name in names} == originals
+    code, out = run_patch(sg3_checkout, '--check')
+    assert code == 0 and out.count(': official') == 2
+
+
+def test_edited_train_py_is_refused_untouched(sg3_checkout):
+    train = sg3_checkout / 'train.py'
+    text = train.read_text().replace('def main(**kwargs):', 'def main(**options):')
+    train.write_text(text)
+    code, out = run_patch(sg3_checkout)
+    assert code != 0 and 'not a StyleGAN3 train.py we recognise' in out and "'def main(**kwargs):'" in out
+    assert train.read_text() == text and not (sg3_checkout / 'train.py.rtm-orig').exists()
+
+
+def shim_env():
+    """The environment of the official scripts: tests/shims last on the path (pkg_resources, see conftest)."""
+    from conftest import SHIMS
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in [os.environ.get('PYTHONPATH'), SHIMS] if p]), PYTHONDONTWRITEBYTECODE='1')
+
+
+def train(root, *args, timeout=300):
+    return subprocess.run([sys.executable, 'train.py', '--outdir', str(root / 'runs'), '--data', str(root / 'data.zip'), '--gpus=1',
+                           '--batch=4', '--gamma=1', *args], cwd=root, env=shim_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def options(output):
+    text = output[output.index('Training options:') + len('Training options:'):]
+    return json.loads(text[:text.index('\n}\n') + 2]), output.split('Output directory:')[1].split('\n')[0].strip()
+
+
+@pytest.fixture
+def patched(sg3_checkout):
+    from stylegan2_ada_patch.dataset import write_dataset
+    write_dataset(str(sg3_checkout / 'data.zip'), count=8, resolution=16)
+    unpatched = {cfg: train(sg3_checkout, f'--cfg={cfg}', '--dry-run') for cfg in ('stylegan2', 'stylegan3-t')}
+    assert run_patch(sg3_checkout)[0] == 0
+    return sg3_checkout, unpatched
+
+
+def test_dry_runs_of_the_patched_train_py(patched):
+    root, unpatched = patched
+    for cfg, official in unpatched.items():
+        assert official.returncode == 0, official.stdout + official.stderr
+        out = train(root, f'--cfg={cfg}', '--map=mlp', '--dry-run')
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert options(out.stdout) == options(official.stdout)    # --map=mlp is the official train.py
+
+    out = train(root, '--cfg=stylegan3-r', '--map=rtm', '--map-h=8', '--map-l=2', '--dry-run')
+    assert out.returncode == 0, out.stdout + out.stderr
+    args, run_dir = options(out.stdout)
+    assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks_stylegan3.Generator' and args['G_kwargs']['use_radial_filters']
+    assert args['G_kwargs']['mapping_kwargs'] == dict(steps=8, inner_steps=2, block='mixer', tokens=4, token_dim=128)
+    assert run_dir.endswith('-stylegan3-r-data-gpus1-batch4-gamma1-rtmH8L2')
+    assert args['D_kwargs']['class_name'] == 'training.networks_stylegan2.Discriminator'
+
+    out = train(root, '--cfg=stylegan2', '--map=rtm', '--map-block=attention', '--dry-run')
+    args, run_dir = options(out.stdout)
+    assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks_stylegan2.Generator' and run_dir.endswith('-rtmH16L1-attention')
+
+    out = train(root, '--cfg=stylegan2', '--map-depth=3', '--dry-run')   # StyleGAN3's own option, its own meaning
+    args, run_dir = options(out.stdout)
+    assert args['G_kwargs']['mapping_kwargs'] == dict(num_layers=3) and run_dir.endswith('-gamma1')
+
+    out = train(root, '--cfg=stylegan3-t', '--map=rtm', '--map-depth=3', '--dry-run')
+    assert out.returncode == 2 and '--map-depth sets the depth of the MLP mapper' in out.stdout + out.stderr
+    help_text = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, env=shim_env(), capture_output=True, text=True).stdout
+    assert help_text.count('--map-depth') == 1 and '--map-h' in help_text and '--smoke' in help_text
+
+#----------------------------------------------------------------------------
+# As a new user would: patch, a CPU smoke run of each family, the stock gen_images.py without
+# rtm-mapping, and --revert.
+
+# gen_images.py hard-codes torch.device('cuda'); on a machine without one, the test answers that call
+# for the CPU inside gen_images (the file itself is run as published).
+GEN_IMAGES_ON_CPU = '''
+    import types, torch, gen_images
+    class CpuTorch(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+    gen_images.torch = CpuTorch('torch')
+    gen_images.torch.device = lambda *args: torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    gen_images.generate_images.main(sys.argv[1:], standalone_mode=False)
+    assert not [m for m in sys.modules if m.startswith('rtm_mapping')]
+'''
+
+
+def rtm_mapping(*args, cwd=None):
+    """`rtm-mapping ARGS`, the console script, in a fresh process."""
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', *map(str, args)], cwd=cwd, env=shim_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize('cfg, extra', [('stylegan3-t', ['--aug=noaug']), ('stylegan2', ['--cond=1', '--aug=ada'])])
+def test_smoke_run_and_stock_gen_images(sg3_checkout, tmp_path, cfg, extra):
+    from stylegan2_ada_patch.dataset import write_dataset
+    originals = {name: (sg3_checkout / name).read_bytes() for name in ('train.py', 'calc_metrics.py')}
+    rtm_mapping('patch', sg3_checkout)
+    write_dataset(str(sg3_checkout / 'data.zip'), count=16, resolution=16, num_classes=3)
+
+    out = train(sg3_checkout, f'--cfg={cfg}', '--cbase=1024', '--cmax=64', '--map=rtm', '--map-h=4', '--smoke=8', '--workers=1', *extra, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert 'rtm-mapping: smoke mode: 8 images on the CPU' in out.stdout
+    run_dir, = (sg3_checkout / 'runs').iterdir()
+    assert run_dir.name.endswith(f'-{cfg}-data-gpus1-batch4-gamma1-rtmH4L1-cpusmoke')
+    snapshot, = run_dir.glob('network-snapshot-*.pkl')
+    family = 'stylegan2' if cfg == 'stylegan2' else 'stylegan3'
+    assert json.loads((run_dir / 'training_options.json').read_text())['G_kwargs']['class_name'] == f'{FAMILIES[family][0]}.Generator'
+
+    stdout = run_stock(GEN_IMAGES_ON_CPU, tmp_path, sg3_checkout,
+                       argv=[f'--network={snapshot}', '--seeds=0-1', '--trunc=0.7', f'--outdir={tmp_path / "out"}',
+                             *(['--class=1'] if '--cond=1' in extra else [])])
+    assert 'Generating image for seed 1' in stdout
+    images = sorted(p.name for p in (tmp_path / 'out').iterdir())
+    assert images == ['seed0000.png', 'seed0001.png']
+
+    rtm_mapping('patch', '--revert', sg3_checkout)
+    assert {name: (sg3_checkout / name).read_bytes() for name in originals} == originals

@@ -1,5 +1,5 @@
-"""NVIDIA's repositories that rtm-mapping plugs into, at the commits it is tested against, and
-`rtm-mapping get-stylegan`, which clones one there so that a new user need not find it by hand.
+"""`rtm-mapping get-stylegan`: clone NVIDIA's repository of a codebase at the commit rtm-mapping is tested
+against (checkout.CODEBASES), so that a new user need not find it by hand.
 
 Nothing of NVIDIA's code is part of rtm-mapping (NVIDIA Source Code License): it is cloned from
 GitHub onto the user's machine, as the user would clone it.
@@ -12,11 +12,7 @@ from typing import Optional
 
 import click
 
-# codebase: (repository, tested commit, folder name of a clone). CI runs the suite against exact copies of these.
-TESTED = {
-    'stylegan2-ada': ('https://github.com/NVlabs/stylegan2-ada-pytorch.git', 'd72cc7d041b42ec8e806021a205ed9349f87c6a4', 'stylegan2-ada-pytorch'),
-    'stylegan3':     ('https://github.com/NVlabs/stylegan3.git',             'c233a919a6faee6e36a316ddd4eddababad1adf9', 'stylegan3'),
-}
+from stylegan2_ada_patch.checkout import CODEBASES
 
 
 def _git(*args, cwd=None) -> str:
@@ -31,8 +27,7 @@ def _git(*args, cwd=None) -> str:
 def clone(codebase: str, dest: str, url: Optional[str] = None, commit: Optional[str] = None) -> str:
     """Clone `codebase` at its tested commit into `dest` (a new folder), or reuse `dest` if it already is
     a clone at that commit. Never writes into an existing folder that is anything else. Returns dest."""
-    default_url, default_commit, _ = TESTED[codebase]
-    url, commit = url or default_url, commit or default_commit
+    url, commit = url or CODEBASES[codebase].url, commit or CODEBASES[codebase].commit
     dest = os.path.abspath(os.path.expanduser(dest))
     if os.path.exists(dest):
         head = None
@@ -57,7 +52,7 @@ def clone(codebase: str, dest: str, url: Optional[str] = None, commit: Optional[
 
 @click.command()
 @click.argument('dest', type=click.Path(file_okay=False), required=False)
-@click.option('--codebase', type=click.Choice(sorted(TESTED)), default='stylegan2-ada', show_default=True,
+@click.option('--codebase', type=click.Choice(sorted(CODEBASES)), default='stylegan2-ada', show_default=True,
               help='NVlabs/stylegan2-ada-pytorch or NVlabs/stylegan3.')
 @click.option('--url', default=None, metavar='URL', help='Clone from here instead (a fork or a mirror)  [default: NVIDIA\'s GitHub]')
 @click.option('--commit', default=None, metavar='SHA', help='Check out this commit instead of the tested one.')
@@ -70,5 +65,5 @@ def get_stylegan(dest: Optional[str], codebase: str, url: Optional[str], commit:
     Example:
       export STYLEGAN2_ADA_ROOT=$(rtm-mapping get-stylegan)
     """
-    dest = clone(codebase, dest or TESTED[codebase][2], url=url, commit=commit)
+    dest = clone(codebase, dest or CODEBASES[codebase].folder, url=url, commit=commit)
     click.echo(dest)

@@ -73,8 +73,8 @@ def test_tested_commits_are_the_ones_ci_uses():
     if not os.path.isfile(readme):
         pytest.skip('no ../shared/official here (CI has it)')
     text = open(readme, encoding='utf-8').read()
-    for url, commit, _ in official.TESTED.values():
-        assert commit in text and url.split('github.com/')[1].removesuffix('.git') in text
+    for codebase in official.CODEBASES.values():
+        assert codebase.commit in text and codebase.repo in text
 
 
 def test_command_is_registered():

@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import click
 import numpy as np
-import scipy.stats
+import scipy.special
 import torch
 import torch.nn.functional as F
 
@@ -55,7 +56,7 @@ BASELINE = 'MLP-2'      # Table 3's baseline mapper; paired differences are take
 RUNS = {
     'full': dict(
         seeds           = 5,        # Seeds 0 ... seeds-1, the same for every mapper.
-        steps           = 1000,     # Discriminator steps = generator steps.
+        steps           = 600,      # Discriminator steps = generator steps.
         batch           = 256,      # Real and fake samples per step.
         z_dim           = 64,       # Latent width; w_dim is the same.
         tokens          = 4,        # RTM tokens; token_dim = z_dim / tokens keeps the lift and readout square, as core.DEFAULTS.
@@ -105,7 +106,7 @@ class ModeDataset:
     @property
     def radius(self) -> float:
         """High-quality radius: sigma * sqrt(chi2_dim^-1(HIGH_QUALITY_PROB)); 3 sigma in 2-D."""
-        return self.std * math.sqrt(scipy.stats.chi2.ppf(HIGH_QUALITY_PROB, self.dim))
+        return self.std * math.sqrt(2 * scipy.special.gammaincinv(self.dim / 2, HIGH_QUALITY_PROB))   # chi2.ppf(p, dim)
 
     def sample(self, num: int, generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(self.modes, [num], generator=generator)
@@ -225,6 +226,13 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def network_params(mapper_name: str, dataset: ModeDataset, cfg: dict) -> Dict[str, int]:
+    """Parameter counts of one run's mapper, decoder and discriminator (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        G, D = build_networks(mapper_name, dataset, 0, cfg)
+    return dict(mapper=count_params(G.mapper), decoder=count_params(G.decoder), discriminator=count_params(D))
+
+
 class Stacked:
     """The same network for several seeds, run as one: parameters stacked along a new first axis and
     the module vmapped over it (torch.func). Each seed's slice computes what its own module would;
@@ -246,7 +254,8 @@ class Stacked:
 # One mapper on one dataset, all seeds at once.
 
 def train_group(dataset_name: str, mapper_name: str, seeds: Sequence[int], cfg: dict) -> List[dict]:
-    """Train one GAN per seed and measure each. Runs on one CPU thread (restored afterwards), so the
+    """Train one GAN per seed and measure each. Runs on one CPU thread (restored afterwards, as is the
+    global RNG), so the
     figures do not depend on the machine's core count or on the number of parallel workers.
 
     The loss is StyleGAN2's: non-saturating logistic for G, logistic for D with R1 on real samples
@@ -257,7 +266,8 @@ def train_group(dataset_name: str, mapper_name: str, seeds: Sequence[int], cfg: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_group(DATASETS[dataset_name](), mapper_name, list(seeds), cfg)
+        with torch.random.fork_rng(devices=[]):   # build_networks seeds the global RNG; the caller's state is kept.
+            return _train_group(DATASETS[dataset_name](), mapper_name, list(seeds), cfg)
     finally:
         torch.set_num_threads(threads)
 
@@ -273,7 +283,7 @@ def _train_group(dataset: ModeDataset, mapper_name: str, seeds: List[int], cfg: 
     z_gens = [torch.Generator().manual_seed(2 * seed + 1) for seed in seeds]
     batch, z_dim = cfg['batch'], cfg['z_dim']
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(cfg['steps']):
         real = torch.stack([dataset.sample(batch, g) for g in data_gens]).requires_grad_(True)
         fake = G(torch.stack([torch.randn([batch, z_dim], generator=g) for g in z_gens]))
@@ -295,7 +305,7 @@ def _train_group(dataset: ModeDataset, mapper_name: str, seeds: List[int], cfg: 
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         opt_G.step()
-    train_seconds = time.perf_counter() - start
+    train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
     num_eval = cfg['samples_per_mode'] * dataset.modes
     eval_gens = [torch.Generator().manual_seed(1_000_000 + seed) for seed in seeds]
@@ -316,6 +326,7 @@ def _train_group(dataset: ModeDataset, mapper_name: str, seeds: List[int], cfg: 
         ))
     for run in runs:
         run['train_seconds_group'] = train_seconds
+        run['train_cpu_seconds_group'] = train_cpu_seconds
     return runs
 
 
@@ -468,6 +479,7 @@ def run_experiment(datasets: Sequence[str], mappers: Sequence[str], cfg: dict, w
     """Train every mapper on every dataset for seeds 0 ... cfg['seeds'] - 1; returns the results dict
     (config, datasets, mappers, runs, summary, timing, machine) that `write_outputs` saves."""
     seeds = list(range(cfg['seeds']))
+    cpu_start = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
     groups = sorted(((d, m) for d in datasets for m in mappers), key=_group_cost, reverse=True)
     start = time.perf_counter()
     runs = []
@@ -488,25 +500,27 @@ def run_experiment(datasets: Sequence[str], mappers: Sequence[str], cfg: dict, w
     order = {(d, m): i for i, (d, m) in enumerate((d, m) for d in datasets for m in mappers)}
     runs.sort(key=lambda r: (order[r['dataset'], r['mapper']], r['seed']))
 
-    mapper_info = {}
-    for m in mappers:
-        module = build_mapper(m, cfg['z_dim'], cfg['tokens'], cfg['mapper_lr_multiplier'])
-        mapper_info[m] = dict(MAPPERS[m], params=count_params(module))
+    mapper_info = {m: dict(MAPPERS[m], params=network_params(m, DATASETS[datasets[0]](), cfg)['mapper']) for m in mappers}
     dataset_info = {}
     for d in datasets:
         ds = DATASETS[d]()
-        dataset_info[d] = dict(modes=ds.modes, dim=ds.dim, std=ds.std, high_quality_radius=ds.radius, doc=ds.doc)
-    group_seconds = {f'{d} / {m}': next(r['train_seconds_group'] for r in runs if (r['dataset'], r['mapper']) == (d, m))
-                     for d in datasets for m in mappers}
+        counts = network_params(mappers[0], ds, cfg)
+        dataset_info[d] = dict(modes=ds.modes, dim=ds.dim, std=ds.std, high_quality_radius=ds.radius, doc=ds.doc,
+                               decoder_params=counts['decoder'], discriminator_params=counts['discriminator'])
+    first = {(r['dataset'], r['mapper']): r for r in reversed(runs)}
+    group_seconds = {f'{d} / {m}': first[d, m]['train_seconds_group'] for d in datasets for m in mappers}
+    group_cpu_seconds = {f'{d} / {m}': first[d, m]['train_cpu_seconds_group'] for d in datasets for m in mappers}
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu_seconds = sum(u.ru_utime + u.ru_stime for u in usage) - cpu_start
     return dict(
         config   = dict(cfg, seed_list=seeds),
         baseline = BASELINE if BASELINE in mappers else None,
         datasets = dataset_info,
         mappers  = mapper_info,
-        decoder_params = {d: count_params(build_networks(mappers[0], DATASETS[d](), 0, cfg)[0].decoder) for d in datasets},
         runs     = runs,
         summary  = summarize(runs, BASELINE if BASELINE in mappers else None),
-        timing   = dict(wall_seconds=wall, workers=workers, threads_per_worker=1, train_seconds=group_seconds),
+        timing   = dict(wall_seconds=wall, cpu_seconds=cpu_seconds, workers=workers, threads_per_worker=1,
+                        train_seconds=group_seconds, train_cpu_seconds=group_cpu_seconds),
         machine  = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                         cpu_count=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                         numpy=np.__version__, rtm_mapping=__version__),
@@ -566,12 +580,14 @@ def mode_coverage(ctx, out, datasets, mappers, seeds, steps, mapper_lr_multiplie
     if cfg['seeds'] < 2:
         raise click.ClickException('--seeds must be at least 2 for an interval over seeds; the default is 5.')
     for m in mappers:
-        print(f'{m}: {count_params(build_mapper(m, cfg["z_dim"], cfg["tokens"], cfg["mapper_lr_multiplier"])):,} mapper parameters', file=sys.stderr)
+        click.echo(f'{m}: {network_params(m, DATASETS[datasets[0]](), cfg)["mapper"]:,} mapper parameters', err=True)
     results = run_experiment(datasets, mappers, cfg, workers, log=lambda s: click.echo(s, err=True))
     results['command'] = ' '.join(['rtm-mapping', ctx.info_name] + [shlex.quote(a) for a in sys.argv[2:]]) if ctx.info_name else None
     results['date'] = datetime.now(timezone.utc).isoformat(timespec='seconds')
     paths = write_outputs(results, out)
     click.echo(markdown(results))
-    click.echo(f'{results["timing"]["wall_seconds"]:.0f} s with {workers} workers. Wrote ' + ', '.join(paths.values()), err=True)
+    timing = results['timing']
+    click.echo(f'{timing["wall_seconds"]:.0f} s wall time with {workers} workers, {timing["cpu_seconds"]:.0f} CPU seconds. Wrote '
+               + ', '.join(paths.values()), err=True)
 
 #----------------------------------------------------------------------------

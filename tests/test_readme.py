@@ -49,7 +49,7 @@ def test_quick_start_main_job(stylegan_root, tmp_path):
     assert len(os.listdir(tmp_path / 'work' / 'generated')) == 4
 
 
-@pytest.mark.parametrize('command', ['patch', 'train', 'make-dataset', 'cpu', 'sweep-h', 'detectors', 'bench', 'swap', 'info', 'set-h'])
+@pytest.mark.parametrize('command', ['patch', 'train', 'make-dataset', 'cpu', 'sweep-h', 'detectors', 'bench', 'swap', 'info', 'set-h', 'mode-coverage'])
 def test_every_documented_command_has_help(command):
     assert f'`{command}`' in README
     out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', command, '--help'], capture_output=True, text=True)

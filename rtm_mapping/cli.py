@@ -19,6 +19,7 @@ COMMANDS = {
     'swap':         ('rtm_mapping.swap',            'swap',         'Replace the mapper of a pretrained pickle with a distilled RTM.'),
     'info':         ('rtm_mapping.swap',            'info',         'Describe the networks of a pickle.'),
     'set-h':        ('rtm_mapping.swap',            'set_h',        'Store another inference H in an RTM pickle.'),
+    'mode-coverage': ('rtm_mapping.mode_coverage',  'mode_coverage', 'Toy GAN on CPU: modes covered by RTM against the MLP mapper.'),
 }
 
 

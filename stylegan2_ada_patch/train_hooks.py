@@ -67,7 +67,26 @@ def setup():
               'gave torch_utils.misc.InfiniteSampler one for this run.')
     if not getattr(misc.copy_params_and_buffers, 'rtm_mapping_wrapped', False):
         misc.copy_params_and_buffers = report_resume(misc.copy_params_and_buffers)
+    from training import training_loop
+    if not getattr(training_loop.training_loop, 'rtm_mapping_wrapped', False):
+        training_loop.training_loop = with_map_compile(training_loop.training_loop)
     metrics.register_metrics()
+
+
+def with_map_compile(training_loop_fn):
+    """training_loop() taking `map_compile` (--map-compile, kept in the training args, not in G_kwargs,
+    hence never in a pickle) and applying it in the process that runs it: every RTM built there
+    (G, G_ema, rebuilt copies) captures its recursion with torch.compile (core.set_compile_default)."""
+
+    def training_loop(map_compile=None, **kwargs):
+        core.set_compile_default(map_compile)
+        try:
+            return training_loop_fn(**kwargs)
+        finally:
+            core.set_compile_default(None)
+
+    training_loop.rtm_mapping_wrapped = True
+    return training_loop
 
 #----------------------------------------------------------------------------
 # Options. Defaults come from rtm_mapping.core.DEFAULTS; None means "not given".
@@ -80,6 +99,7 @@ MAPPING_OPTIONS = [
     click.option('--map-tokens', help=f'RTM number of tokens [default: {core.DEFAULTS["tokens"]}]', type=click.IntRange(min=1), metavar='INT'),
     click.option('--map-token-dim', help=f'RTM channels per token [default: {core.DEFAULTS["token_dim"]}]', type=click.IntRange(min=1), metavar='INT'),
     click.option('--map-depth', help='Number of MLP mapping layers with --map=mlp [default: from --cfg]', type=click.IntRange(min=1), metavar='INT'),
+    click.option('--map-compile', help='Capture the RTM recursion with torch.compile, CUDA graphs on CUDA [default: off]', is_flag=True, default=None),
     click.option('--smoke', help='Smoke test: train this many images, snapshot, stop; on the CPU if there is no GPU [default: off]',
                  type=click.IntRange(min=1), metavar='IMAGES'),
 ]
@@ -154,11 +174,15 @@ def apply_smoke(desc, args, images, metrics_given):
 
 
 def setup_training_loop_kwargs(official, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None,
-                               map_token_dim=None, map_depth=None, smoke=None, **config_kwargs):
+                               map_token_dim=None, map_depth=None, map_compile=None, smoke=None, **config_kwargs):
     """train.py's setup_training_loop_kwargs(), then the rtm-mapping options on top."""
     desc, args = official(**config_kwargs)
     desc = apply_mapping_options(desc, args, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
                                  map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth)
+    if map_compile:
+        if map_kind != 'rtm':
+            raise click.UsageError('--map-compile captures the RTM recursion: it needs --map=rtm.')
+        args.map_compile = 'auto'   # read by with_map_compile() in each training process
     if smoke is not None:
         desc = apply_smoke(desc, args, smoke, metrics_given=config_kwargs.get('metrics') is not None)
     return desc, args

@@ -671,6 +671,52 @@ def markdown(results: dict) -> str:
     return '\n'.join(out)
 
 #----------------------------------------------------------------------------
+# The report of scripts/gpu_bench.sh: this bench's JSON and train.py's speed, in one JSON and one table.
+
+TRAIN_ARMS = ('mlp', 'rtm', 'rtm-compile')   # train.py --map=mlp, --map=rtm, --map=rtm --map-compile
+
+
+def training_speed(run_dir: str) -> dict:
+    """Seconds per kimg of a train.py run, from its stats.jsonl: the median over ticks 1, 2, ...
+    (tick 0 is the first batch: start-up, custom-op and torch.compile time), and tick 0's seconds."""
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        ticks = [json.loads(line) for line in f if line.strip()]
+    if len(ticks) < 2:
+        raise click.ClickException(f'{run_dir}/stats.jsonl has {len(ticks)} tick(s); the speed needs tick 0 and at least one more: train longer (--kimg).')
+    steady = [t['Timing/sec_per_kimg']['mean'] for t in ticks[1:]]
+    return dict(sec_per_kimg=statistics.median(steady), sec_per_kimg_ticks=steady, ticks=len(ticks) - 1,
+                kimg=ticks[-1]['Progress/kimg']['mean'], tick0_sec=ticks[0]['Timing/sec_per_tick']['mean'])
+
+
+def gpu_report(bench_json: str, runs: Dict[str, str], stage_seconds: Dict[str, float]) -> Tuple[dict, str]:
+    """One JSON-able dict and one markdown table from the bench JSON and the train.py run folders (TRAIN_ARMS)."""
+    with open(bench_json) as f:
+        results = json.load(f)
+    training = {arm: training_speed(run_dir) for arm, run_dir in runs.items()}
+    for speed in training.values():
+        speed['overhead_vs_mlp'] = speed['sec_per_kimg'] / training['mlp']['sec_per_kimg'] - 1 if 'mlp' in training else None
+    report = dict(machine=results['meta']['machine'], bench_command=results['meta']['command'], bench=results,
+                  training=training, stage_seconds=stage_seconds, total_seconds=sum(stage_seconds.values()))
+    out = [markdown(results), '', 'train.py --cfg=cifar --batch=64, seconds per kimg (median of ticks after tick 0):', '',
+           '| mapper | sec/kimg | vs MLP | ticks | tick 0 s (start-up, compile) |', '|---|---:|---:|---:|---:|']
+    for arm, s in training.items():
+        vs = '' if s['overhead_vs_mlp'] is None else f'{s["overhead_vs_mlp"]:+.2%}'
+        out.append(f'| {arm} | {s["sec_per_kimg"]:.3f} | {vs} | {s["ticks"]} | {s["tick0_sec"]:.1f} |')
+    out += ['', 'Stages, seconds: ' + ', '.join(f'{name} {sec:.0f}' for name, sec in stage_seconds.items())
+            + f'; total {report["total_seconds"]:.0f}.']
+    return report, '\n'.join(out)
+
+
+def write_gpu_report(bench_json: str, runs: Dict[str, str], stage_seconds: Dict[str, float], out_json: str, out_md: str) -> str:
+    """gpu_report() written to out_json and out_md; returns the markdown."""
+    report, table = gpu_report(bench_json, runs, stage_seconds)
+    with open(out_json, 'w') as f:
+        json.dump(report, f, indent=2)
+    with open(out_md, 'w') as f:
+        f.write(table + '\n')
+    return table
+
+#----------------------------------------------------------------------------
 # The command: set-up (settings, checkout), measurement (the parts), report (tables, JSON).
 
 PARTS = ('mapper', 'generator', 'memory', 'dispatch')

@@ -3,7 +3,11 @@
 machines are noisy, so the timing targets are printed, not tested."""
 
 import json
+import os
+import subprocess
+import sys
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -227,3 +231,46 @@ def test_bench_quick_with_checkout_measures_generators(tmp_path, stylegan_root):
     overhead = [t for t in data['targets'] if t['name'].startswith('generator forward overhead')]
     assert len(overhead) == 1 and overhead[0]['met'] is None      # shrunk: not at the target's settings
     assert data['flops']['RTM H=16'] == RTM_DEFAULT and data['flops']['MLP 8 layers'] == 8 * MLP_LAYER
+
+#----------------------------------------------------------------------------
+# scripts/gpu_bench.sh: its Python pieces on the CPU, and its refusal without CUDA.
+
+def _write_stats(run_dir, sec_per_kimg):
+    """A stats.jsonl as train.py writes it: one line per tick, tick 0 first."""
+    run_dir.mkdir(parents=True)
+    with open(run_dir / 'stats.jsonl', 'w') as f:
+        for tick, sec in enumerate(sec_per_kimg):
+            f.write(json.dumps({'Progress/tick': {'num': 1, 'mean': tick}, 'Progress/kimg': {'num': 1, 'mean': 4.0 * tick},
+                                'Timing/sec_per_tick': {'num': 1, 'mean': 30.0 if tick == 0 else 4 * sec},
+                                'Timing/sec_per_kimg': {'num': 1, 'mean': sec}}) + '\n')
+    return str(run_dir)
+
+
+def test_gpu_report_joins_bench_and_training_speed(tmp_path, monkeypatch):
+    monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.chdir(tmp_path)
+    _run_quick(tmp_path, '--part', 'dispatch', '--compile-mode', 'none')
+    runs = {'mlp': _write_stats(tmp_path / 'mlp', [900.0, 2.0, 2.2, 2.0]),
+            'rtm': _write_stats(tmp_path / 'rtm', [900.0, 2.1, 2.1, 2.3]),
+            'rtm-compile': _write_stats(tmp_path / 'rtmc', [1500.0, 2.04, 2.02, 2.06])}
+    table = bench.write_gpu_report(str(tmp_path / 'bench.json'), runs, {'smoke': 60.0, 'bench': 200.0},
+                                   str(tmp_path / 'gpu.json'), str(tmp_path / 'gpu.md'))
+    report = json.loads((tmp_path / 'gpu.json').read_text())
+    training = report['training']
+    assert training['mlp']['sec_per_kimg'] == 2.0 and training['mlp']['ticks'] == 3       # tick 0 (start-up) left out
+    assert training['rtm']['overhead_vs_mlp'] == pytest.approx(0.05)
+    assert training['rtm-compile']['overhead_vs_mlp'] == pytest.approx(0.02) and training['rtm-compile']['tick0_sec'] == 30.0
+    assert report['total_seconds'] == 260.0 and report['bench']['dispatch']['steps'] == 2
+    assert '| rtm | 2.100 | +5.00% | 3 |' in table and (tmp_path / 'gpu.md').read_text().strip() == table.strip()
+    with pytest.raises(click.ClickException, match='train longer'):
+        bench.training_speed(_write_stats(tmp_path / 'short', [900.0]))
+
+
+def test_gpu_bench_script_stops_at_once_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present: run scripts/gpu_bench.sh itself')
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+    script = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'gpu_bench.sh')
+    out = subprocess.run(['bash', script, str(tmp_path), str(tmp_path / 'work')], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and 'torch sees no CUDA device' in out.stderr, out.stderr
+    assert os.listdir(tmp_path / 'work') == []        # stopped before copying or running anything

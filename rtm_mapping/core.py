@@ -10,7 +10,7 @@ of this file (see rtm_mapping/networks.py), so it must run wherever torch runs.
 Speed (issue 14). A GPU pays per launched kernel, and the recursion calls the shared block
 H * (L + 1) = 32 times per mapper call. So everything that does not change between block calls
 is computed once per call (`MixerBlock.prepare`: the equalized-learning-rate gains, the casts,
-the RMSNorm epsilon), residuals are fused into their matrix product (addmm / baddbmm), and the
+the RMSNorm constants), residuals are fused into their matrix product (addmm / baddbmm), and the
 token-axis products run as batched matrix products on the [batch, tokens, token_dim] state
 without transposes. `set_compile` captures the recursion with torch.compile (opt-in; never
 stored in pickles or copies).
@@ -49,18 +49,33 @@ CARRY_SEED = 0x52544D  # 'RTM': the fixed carry vectors never touch the global R
 
 #----------------------------------------------------------------------------
 
-def rms_norm(x: torch.Tensor, eps: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """RMSNorm over `dim`, without a learned scale (TRM), computed in float32:
-    x / sqrt(mean(x^2) + eps), as 4 kernels (norm, addcmul, rsqrt, mul) instead of 5.
+def rms_norm(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last axis, without a learned scale (TRM), computed in float32:
+    x / sqrt(mean(x^2) + eps), as 4 kernels (vector_norm, addcmul, rsqrt, mul) instead of 5.
 
     Args:
         x: Any shape.
         eps: The epsilon as a 0-d float32 tensor on x's device (see MixerBlock.prepare).
-        dim: Axis to normalize over.
     """
     y = x.to(torch.float32)
-    norm = torch.linalg.vector_norm(y, dim=dim, keepdim=True)          # sqrt(sum(x^2))
-    mean_square = torch.addcmul(eps, norm, norm, value=1 / y.shape[dim])  # eps + sum(x^2) / n
+    norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)               # sqrt(sum(x^2))
+    mean_square = torch.addcmul(eps, norm, norm, value=1 / y.shape[-1])     # eps + sum(x^2) / n
+    return (y * torch.rsqrt(mean_square)).to(x.dtype)
+
+
+def token_rms_norm(x: torch.Tensor, eps: torch.Tensor, token_mean: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the token axis of x [batch, tokens, token_dim], computed in float32, in 4 kernels:
+    eps + mean(x^2) over the tokens is one batched product with token_mean, a [1, tokens] row of
+    1 / tokens (a reduction over a middle axis, linalg.vector_norm's or mean's, is slower on the CPU).
+
+    Args:
+        x: [batch, tokens, token_dim].
+        eps: The epsilon as a 0-d float32 tensor on x's device.
+        token_mean: [1, tokens] float32, every entry 1 / tokens.
+    """
+    y = x.to(torch.float32)
+    with torch.autocast(y.device.type, enabled=False):     # the sum of squares stays float32 under autocast
+        mean_square = torch.baddbmm(eps, token_mean.expand(y.shape[0], -1, -1), y.square())   # [batch, 1, token_dim]
     return (y * torch.rsqrt(mean_square)).to(x.dtype)
 
 
@@ -128,7 +143,7 @@ def channel_mix(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, eps:
     flat = x.reshape(-1, x.shape[-1])
     gate, up = (flat @ gate_up.t()).chunk(2, dim=-1)
     y = torch.addmm(flat, F.silu(gate) * up, down.t())                  # x + down(silu(gate) * up)
-    return rms_norm(y.reshape(x.shape), eps, dim=-1)
+    return rms_norm(y.reshape(x.shape), eps)
 
 #----------------------------------------------------------------------------
 # Shared blocks f. Each maps [batch, tokens, token_dim] to the same shape and is
@@ -142,6 +157,7 @@ class MixerWeights(NamedTuple):
     channel_gate_up: torch.Tensor   # [2 * hidden, token_dim]
     channel_down: torch.Tensor      # [token_dim, hidden]
     eps: torch.Tensor               # 0-d float32
+    token_mean: torch.Tensor        # [1, tokens] float32, every entry 1 / tokens
 
 
 class MixerBlock(torch.nn.Module):
@@ -166,6 +182,7 @@ class MixerBlock(torch.nn.Module):
             channel_gate_up = self.channel_mlp.gate_up.scaled_weight(x.dtype),
             channel_down    = self.channel_mlp.down.scaled_weight(x.dtype),
             eps             = torch.full([], self.eps, dtype=torch.float32, device=x.device),
+            token_mean      = torch.full([1, x.shape[1]], 1 / x.shape[1], dtype=torch.float32, device=x.device),
         )
 
     def forward(self, x: torch.Tensor, weights: Optional[MixerWeights] = None) -> torch.Tensor:
@@ -174,7 +191,7 @@ class MixerBlock(torch.nn.Module):
         # Token mixing, SwiGLU over the token axis of [batch, tokens, token_dim] as batched products
         # (weight @ x per sample), the residual fused into the down projection (baddbmm).
         gate, up = torch.bmm(w.token_gate_up.expand(batch, -1, -1), x).chunk(2, dim=1)
-        x = rms_norm(torch.baddbmm(x, w.token_down.expand(batch, -1, -1), F.silu(gate) * up), w.eps, dim=1)
+        x = token_rms_norm(torch.baddbmm(x, w.token_down.expand(batch, -1, -1), F.silu(gate) * up), w.eps, w.token_mean)
         # Channel mixing.
         return channel_mix(x, w.channel_gate_up, w.channel_down, w.eps)
 
@@ -235,7 +252,7 @@ class AttentionBlock(torch.nn.Module):
         q, k, v = (x @ w.qkv.t()).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(self._rope(q, w), self._rope(k, w), v)
         a = a.transpose(1, 2).reshape(batch * tokens, dim)
-        x = rms_norm(torch.addmm(x.reshape(batch * tokens, dim), a, w.out.t()).reshape(x.shape), w.eps, dim=-1)
+        x = rms_norm(torch.addmm(x.reshape(batch * tokens, dim), a, w.out.t()).reshape(x.shape), w.eps)
         return channel_mix(x, w.channel_gate_up, w.channel_down, w.eps)
 
 

@@ -222,12 +222,12 @@ def test_compile_setting_is_left_out_of_pickles_and_copies():
         m.set_compile('fast')
 
 
-def test_rms_norm_is_the_mean_square_form():
+def test_rms_norms_are_the_mean_square_form():
     x = torch.randn(5, 3, 7) * 10
     eps = torch.full([], 1e-5)
-    for dim in (1, -1):
+    for dim, normed in [(-1, core.rms_norm(x, eps)), (1, core.token_rms_norm(x, eps, torch.full([1, 3], 1 / 3)))]:
         expected = x * torch.rsqrt(x.square().mean(dim=dim, keepdim=True) + 1e-5)
-        torch.testing.assert_close(core.rms_norm(x, eps, dim=dim), expected, **TOLERANCE)
+        torch.testing.assert_close(normed, expected, **TOLERANCE)
     tiny = torch.zeros(2, 4)
     assert torch.equal(core.rms_norm(tiny, eps), tiny)          # epsilon keeps an all-zero row finite
     assert math.isclose(core.rms_norm(torch.ones(1, 4), eps).sum().item(), 4 / math.sqrt(1 + 1e-5), rel_tol=1e-6)

@@ -99,7 +99,8 @@ MAPPING_OPTIONS = [
     click.option('--map-tokens', help=f'RTM number of tokens [default: {core.DEFAULTS["tokens"]}]', type=click.IntRange(min=1), metavar='INT'),
     click.option('--map-token-dim', help=f'RTM channels per token [default: {core.DEFAULTS["token_dim"]}]', type=click.IntRange(min=1), metavar='INT'),
     click.option('--map-depth', help='Number of MLP mapping layers with --map=mlp [default: from --cfg]', type=click.IntRange(min=1), metavar='INT'),
-    click.option('--map-compile', help='Capture the RTM recursion with torch.compile, CUDA graphs on CUDA [default: off]', is_flag=True, default=None),
+    click.option('--map-compile', help='Capture the RTM recursion with torch.compile; alone: auto = CUDA graphs on CUDA [default: off]',
+                 type=click.Choice(list(core.COMPILE_MODES)), is_flag=False, flag_value='auto', default=None, metavar='[MODE]'),
     click.option('--smoke', help='Smoke test: train this many images, snapshot, stop; on the CPU if there is no GPU [default: off]',
                  type=click.IntRange(min=1), metavar='IMAGES'),
 ]
@@ -179,10 +180,10 @@ def setup_training_loop_kwargs(official, map_kind=None, map_h=None, map_l=None, 
     desc, args = official(**config_kwargs)
     desc = apply_mapping_options(desc, args, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
                                  map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth)
-    if map_compile:
+    if map_compile is not None:
         if map_kind != 'rtm':
             raise click.UsageError('--map-compile captures the RTM recursion: it needs --map=rtm.')
-        args.map_compile = 'auto'   # read by with_map_compile() in each training process
+        args.map_compile = map_compile  # read by with_map_compile() in each training process
     if smoke is not None:
         desc = apply_smoke(desc, args, smoke, metrics_given=config_kwargs.get('metrics') is not None)
     return desc, args

@@ -272,6 +272,8 @@ _compiled = dict()                          # (function, mode) -> torch.compile(
 def _check_compile_mode(mode: Optional[str]) -> None:
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f'compile mode must be None (eager) or one of {COMPILE_MODES}, got {mode!r}')
+    if mode is not None and not hasattr(torch, 'compile'):
+        raise RuntimeError(f'capturing the recursion needs torch.compile (PyTorch 2.0 or later); this is torch {torch.__version__}')
 
 
 def set_compile_default(mode: Optional[str]) -> None:

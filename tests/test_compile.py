@@ -199,5 +199,39 @@ def test_train_py_map_compile_is_a_training_option_not_a_network_argument(styleg
     options = json.loads(text[:text.index('\n}\n') + 2])
     assert options['map_compile'] == 'auto'
     assert 'compile' not in json.dumps(options['G_kwargs'])  # G_kwargs go into every pickle
+    out = dry_run('--map=rtm', '--map-compile=default')
+    text = out.stdout[out.stdout.index('Training options:') + len('Training options:'):]
+    assert json.loads(text[:text.index('\n}\n') + 2])['map_compile'] == 'default'
     out = dry_run('--map-compile')
     assert out.returncode == 2 and '--map-compile captures the RTM recursion: it needs --map=rtm.' in out.stdout + out.stderr
+
+#----------------------------------------------------------------------------
+# The official loss, as the training loop runs it.
+
+def test_official_loss_phases_with_captured_mapper_equal_eager(stylegan_root):
+    from training import networks as official
+    from training.loss import StyleGAN2Loss
+
+    from rtm_mapping import networks
+    G = networks.Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=8, img_channels=3,
+                           mapping_kwargs=dict(steps=2, tokens=2, token_dim=8),
+                           synthesis_kwargs=dict(channel_base=64, channel_max=8, num_fp16_res=0, conv_clamp=None))
+    D = official.Discriminator(c_dim=0, img_resolution=8, img_channels=3, channel_base=64, channel_max=8,
+                               num_fp16_res=0, conv_clamp=None, epilogue_kwargs=dict(mbstd_group_size=2)).requires_grad_(False)
+    captured = copy.deepcopy(G)
+    captured.mapping.rtm.set_compile('default')
+    grads = {}
+    for arm, g in [('eager', G), ('captured', captured)]:
+        g.train().requires_grad_(True)
+        loss = StyleGAN2Loss(device=torch.device('cpu'), G_mapping=g.mapping, G_synthesis=g.synthesis, D=D, style_mixing_prob=0.9, r1_gamma=1)
+        torch.manual_seed(7)
+        g.zero_grad(set_to_none=True)
+        for phase in ('Gmain', 'Greg'):     # batch 4, then the path-length batch 2; style mixing calls the mapper twice
+            loss.accumulate_gradients(phase=phase, real_img=None, real_c=None, gen_z=torch.randn(4, 16), gen_c=torch.zeros(4, 0), sync=True, gain=1)
+        grads[arm] = {name: p.grad for name, p in g.mapping.named_parameters()}
+    torch.testing.assert_close(grads['captured'], grads['eager'], rtol=1e-4, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads['captured'].values())
+    torch.testing.assert_close(captured.mapping.w_avg, G.mapping.w_avg, **TOLERANCE)
+    G_ema = copy.deepcopy(captured).eval()        # as the loop makes G_ema: runs, eager
+    assert G_ema.mapping.rtm._compile_mode is None and torch.isfinite(G_ema(torch.randn(2, 16), None)).all()
+    assert pickle.loads(pickle.dumps(captured)).mapping.rtm._compile_mode is None

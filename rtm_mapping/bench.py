@@ -688,28 +688,51 @@ def training_speed(run_dir: str) -> dict:
                 kimg=ticks[-1]['Progress/kimg']['mean'], tick0_sec=ticks[0]['Timing/sec_per_tick']['mean'])
 
 
-def gpu_report(bench_json: str, runs: Dict[str, str], stage_seconds: Dict[str, float]) -> Tuple[dict, str]:
-    """One JSON-able dict and one markdown table from the bench JSON and the train.py run folders (TRAIN_ARMS)."""
-    with open(bench_json) as f:
-        results = json.load(f)
-    training = {arm: training_speed(run_dir) for arm, run_dir in runs.items()}
+def _merge(bench_jsons: List[str]) -> dict:
+    """The results of several bench runs (each a part) as one: parts, notes and targets together."""
+    merged = None
+    for path in bench_jsons:
+        with open(path) as f:
+            results = json.load(f)
+        if merged is None:
+            merged = results
+            continue
+        for key in PARTS + ('flops',):
+            if key in results:
+                merged[key] = results[key]
+        merged['notes'] += results['notes']
+        merged['targets'] += results['targets']
+        merged['meta']['command'] += ' && ' + results['meta']['command']
+    return merged
+
+
+def gpu_report(bench_jsons: List[str], runs: Dict[str, Optional[str]], stage_seconds: Dict[str, float],
+               failed: List[str]) -> Tuple[dict, str]:
+    """One JSON-able dict and one markdown table from the bench JSONs and the train.py run folders
+    (TRAIN_ARMS; None where that run failed), with the seconds of each stage and the stages that failed."""
+    results = _merge(bench_jsons) if bench_jsons else None
+    training = {arm: training_speed(run_dir) for arm, run_dir in runs.items() if run_dir is not None}
     for speed in training.values():
         speed['overhead_vs_mlp'] = speed['sec_per_kimg'] / training['mlp']['sec_per_kimg'] - 1 if 'mlp' in training else None
-    report = dict(machine=results['meta']['machine'], bench_command=results['meta']['command'], bench=results,
-                  training=training, stage_seconds=stage_seconds, total_seconds=sum(stage_seconds.values()))
-    out = [markdown(results), '', 'train.py --cfg=cifar --batch=64, seconds per kimg (median of ticks after tick 0):', '',
-           '| mapper | sec/kimg | vs MLP | ticks | tick 0 s (start-up, compile) |', '|---|---:|---:|---:|---:|']
+    report = dict(machine=None if results is None else results['meta']['machine'], bench=results, training=training,
+                  stage_seconds=stage_seconds, total_seconds=sum(stage_seconds.values()), failed_stages=failed)
+    out = [] if results is None else [markdown(results), '']
+    out += ['train.py --cfg=cifar --batch=64, seconds per kimg (median of ticks after tick 0):', '',
+            '| mapper | sec/kimg | vs MLP | ticks | tick 0 s (start-up, compile) |', '|---|---:|---:|---:|---:|']
     for arm, s in training.items():
         vs = '' if s['overhead_vs_mlp'] is None else f'{s["overhead_vs_mlp"]:+.2%}'
         out.append(f'| {arm} | {s["sec_per_kimg"]:.3f} | {vs} | {s["ticks"]} | {s["tick0_sec"]:.1f} |')
     out += ['', 'Stages, seconds: ' + ', '.join(f'{name} {sec:.0f}' for name, sec in stage_seconds.items())
             + f'; total {report["total_seconds"]:.0f}.']
+    if failed:
+        out += ['', f'FAILED stages (see their logs): {", ".join(failed)}.']
     return report, '\n'.join(out)
 
 
-def write_gpu_report(bench_json: str, runs: Dict[str, str], stage_seconds: Dict[str, float], out_json: str, out_md: str) -> str:
+def write_gpu_report(bench_jsons: List[str], runs: Dict[str, Optional[str]], stage_seconds: Dict[str, float], failed: List[str],
+                     out_json: str, out_md: str) -> str:
     """gpu_report() written to out_json and out_md; returns the markdown."""
-    report, table = gpu_report(bench_json, runs, stage_seconds)
+    report, table = gpu_report(bench_jsons, runs, stage_seconds, failed)
     with open(out_json, 'w') as f:
         json.dump(report, f, indent=2)
     with open(out_md, 'w') as f:

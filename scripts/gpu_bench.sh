@@ -8,7 +8,10 @@
 #           paper512, MLP against RTM eager and RTM captured (torch.compile, CUDA graphs)
 #   train   train.py --cfg=cifar --batch=64 on a generated dataset, --map=mlp, --map=rtm, --map=rtm --map-compile:
 #           seconds per kimg over the ticks after tick 0
-# Writes WORKDIR/gpu-bench.json and WORKDIR/gpu-bench.md. Without CUDA it stops at once.
+# Writes WORKDIR/gpu-bench.json and WORKDIR/gpu-bench.md. Without CUDA it stops at once. A stage that fails
+# is reported as such (its log is WORKDIR/STAGE.log) and the others still run.
+# MAP_COMPILE=MODE picks the torch.compile mode of the captured RTM (default auto: CUDA graphs on CUDA;
+# MAP_COMPILE=default captures without CUDA graphs). TRAIN_KIMG=8: the train.py runs' length.
 set -euo pipefail
 usage='usage: gpu_bench.sh STYLEGAN2_ADA_ROOT [WORKDIR]'
 src=$(cd "${1:?$usage}" && pwd)
@@ -16,6 +19,7 @@ work=${2:-$(mktemp -d)}
 mkdir -p "$work" && work=$(cd "$work" && pwd)
 here=$(cd "$(dirname "$0")" && pwd)
 TRAIN_KIMG=${TRAIN_KIMG:-8}     # ticks of 4 kimg after tick 0: 2 by default
+MAP_COMPILE=${MAP_COMPILE:-auto}
 
 python -c "import torch, sys; torch.cuda.is_available() or sys.exit('gpu_bench.sh: torch sees no CUDA device (torch ' + torch.__version__ + '); run it on a machine with an NVIDIA GPU and a CUDA build of torch. On the CPU, use: rtm-mapping bench --part dispatch')"
 python -c "import torch; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
@@ -27,7 +31,7 @@ if [ -f "$src/training/networks_stylegan2.py" ]; then
 elif [ -f "$src/training/networks.py" ] && [ -f "$src/train.py" ]; then
     codebase=stylegan2-ada
     train_common=(--cfg=cifar --batch=64 --kimg="$TRAIN_KIMG" --snap=1000 --metrics=none --workers=2)
-    arm_flags_mlp=(--map=mlp); arm_flags_rtm=(--map=rtm); arm_flags_rtm_compile=(--map=rtm --map-compile)
+    arm_flags_mlp=(--map=mlp); arm_flags_rtm=(--map=rtm); arm_flags_rtm_compile=(--map=rtm --map-compile="$MAP_COMPILE")
 else
     echo "gpu_bench.sh: $src is not a StyleGAN2-ADA checkout (no train.py, training/networks.py)." >&2
     exit 2
@@ -36,20 +40,26 @@ fi
 root="$work/$codebase"          # a private copy: patching and compiled ops stay out of the user's checkout
 rm -rf "$root" && cp -r "$src" "$root"
 export TORCHINDUCTOR_CACHE_DIR="$work/inductor-cache"   # graphs the bench compiled, train.py reuses
-declare -A stage_seconds
+stages=()         # NAME=SECONDS, in order
+failed=()
 
-stage() {   # stage NAME COMMAND...: run, log to WORKDIR/NAME.log, time it
+stage() {   # stage NAME COMMAND...: run, log to WORKDIR/NAME.log, time it; a failure is recorded, not fatal
     local name=$1; shift
     local start=$SECONDS
     echo "== $name: $*"
-    "$@" > "$work/$name.log" 2>&1 || { echo "gpu_bench.sh: stage $name failed, see $work/$name.log:" >&2; tail -n 30 "$work/$name.log" >&2; exit 1; }
-    stage_seconds[$name]=$((SECONDS - start))
-    echo "   ${stage_seconds[$name]} s"
+    if ! "$@" > "$work/$name.log" 2>&1; then
+        failed+=("$name")
+        echo "gpu_bench.sh: stage $name failed, see $work/$name.log:" >&2
+        tail -n 20 "$work/$name.log" >&2
+    fi
+    stages+=("$name=$((SECONDS - start))")
+    echo "   $((SECONDS - start)) s"
 }
 
 stage smoke bash "$here/gpu_smoke.sh" "$root" "$work/smoke"
-stage bench rtm-mapping bench --device cuda --stylegan "$root" --part dispatch --part generator --config cifar --config paper512 \
-    --repeats 100 --warmup 10 --gen-repeats 10 --gen-warmup 3 --out "$work/bench.json"
+bench=(rtm-mapping bench --device cuda --stylegan "$root" --compile-mode "$MAP_COMPILE" --repeats 100 --warmup 10 --gen-repeats 10 --gen-warmup 3)
+stage bench-dispatch "${bench[@]}" --part dispatch --out "$work/bench-dispatch.json"
+stage bench-generator "${bench[@]}" --part generator --config cifar --config paper512 --out "$work/bench-generator.json"
 
 rtm-mapping make-dataset --out "$work/data.zip" --count 1024 --resolution 32 > /dev/null
 train() {   # train ARM FLAGS...
@@ -60,16 +70,18 @@ stage train-mlp train mlp "${arm_flags_mlp[@]}"
 stage train-rtm train rtm "${arm_flags_rtm[@]}"
 stage train-rtm-compile train rtm-compile "${arm_flags_rtm_compile[@]}"
 
-stages=""
-for name in "${!stage_seconds[@]}"; do stages+="$name=${stage_seconds[$name]} "; done
-python - "$work" $stages <<'PY'
+python - "$work" "${failed[*]:-}" "${stages[@]}" <<'PY'
 import glob, os, sys
 from rtm_mapping import bench
-work, stages = sys.argv[1], dict(s.split('=') for s in sys.argv[2:])
-order = ['smoke', 'bench', 'train-mlp', 'train-rtm', 'train-rtm-compile']
-runs = {arm: sorted(glob.glob(os.path.join(work, f'train-{arm}', '*')))[-1] for arm in bench.TRAIN_ARMS}
-table = bench.write_gpu_report(os.path.join(work, 'bench.json'), runs, {name: float(stages[name]) for name in order},
+work, failed, stages = sys.argv[1], sys.argv[2].split(), dict(s.split('=') for s in sys.argv[3:])
+jsons = [p for p in (os.path.join(work, f'bench-{part}.json') for part in ('dispatch', 'generator')) if os.path.isfile(p)]
+runs = {}
+for arm in bench.TRAIN_ARMS:
+    found = sorted(glob.glob(os.path.join(work, f'train-{arm}', '*', 'stats.jsonl')))
+    runs[arm] = os.path.dirname(found[-1]) if found and f'train-{arm}' not in failed else None
+table = bench.write_gpu_report(jsons, runs, {name: float(sec) for name, sec in stages.items()}, failed,
                                os.path.join(work, 'gpu-bench.json'), os.path.join(work, 'gpu-bench.md'))
 print(table)
 PY
 echo "Wrote $work/gpu-bench.json and $work/gpu-bench.md"
+[ ${#failed[@]} -eq 0 ] || { echo "gpu_bench.sh: failed stages: ${failed[*]}" >&2; exit 1; }

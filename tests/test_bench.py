@@ -250,18 +250,23 @@ def test_gpu_report_joins_bench_and_training_speed(tmp_path, monkeypatch):
     monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
     monkeypatch.chdir(tmp_path)
     _run_quick(tmp_path, '--part', 'dispatch', '--compile-mode', 'none')
+    (tmp_path / 'bench.json').rename(tmp_path / 'bench-dispatch.json')
+    _run_quick(tmp_path, '--part', 'memory')
     runs = {'mlp': _write_stats(tmp_path / 'mlp', [900.0, 2.0, 2.2, 2.0]),
             'rtm': _write_stats(tmp_path / 'rtm', [900.0, 2.1, 2.1, 2.3]),
             'rtm-compile': _write_stats(tmp_path / 'rtmc', [1500.0, 2.04, 2.02, 2.06])}
-    table = bench.write_gpu_report(str(tmp_path / 'bench.json'), runs, {'smoke': 60.0, 'bench': 200.0},
-                                   str(tmp_path / 'gpu.json'), str(tmp_path / 'gpu.md'))
+    table = bench.write_gpu_report([str(tmp_path / 'bench-dispatch.json'), str(tmp_path / 'bench.json')], runs,
+                                   {'smoke': 60.0, 'bench': 200.0}, [], str(tmp_path / 'gpu.json'), str(tmp_path / 'gpu.md'))
     report = json.loads((tmp_path / 'gpu.json').read_text())
     training = report['training']
     assert training['mlp']['sec_per_kimg'] == 2.0 and training['mlp']['ticks'] == 3       # tick 0 (start-up) left out
     assert training['rtm']['overhead_vs_mlp'] == pytest.approx(0.05)
     assert training['rtm-compile']['overhead_vs_mlp'] == pytest.approx(0.02) and training['rtm-compile']['tick0_sec'] == 30.0
-    assert report['total_seconds'] == 260.0 and report['bench']['dispatch']['steps'] == 2
+    assert report['total_seconds'] == 260.0 and report['bench']['dispatch']['steps'] == 2 and 'memory' in report['bench']
     assert '| rtm | 2.100 | +5.00% | 3 |' in table and (tmp_path / 'gpu.md').read_text().strip() == table.strip()
+    assert 'FAILED' not in table
+    _, failed = bench.gpu_report([], dict(runs, **{'rtm-compile': None}), {'train-rtm-compile': 9.0}, ['train-rtm-compile'])
+    assert 'FAILED stages (see their logs): train-rtm-compile.' in failed and '| rtm-compile |' not in failed
     with pytest.raises(click.ClickException, match='train longer'):
         bench.training_speed(_write_stats(tmp_path / 'short', [900.0]))
 

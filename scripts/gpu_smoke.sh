@@ -6,7 +6,7 @@
 set -euo pipefail
 root=$(cd "${1:?usage: gpu_smoke.sh STYLEGAN2_ADA_ROOT [WORKDIR]}" && pwd)
 work=${2:-$(mktemp -d)}
-mkdir -p "$work"
+mkdir -p "$work" && work=$(cd "$work" && pwd)   # absolute: the script cds into the checkout below
 
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 rtm-mapping patch "$root"
@@ -17,7 +17,6 @@ python train.py --outdir="$work/runs" --data="$work/data.zip" --cfg=cifar --map=
 pkl=$(ls "$work"/runs/*/network-snapshot-*.pkl | tail -n 1)
 python - "$pkl" <<'PY'
 import sys, torch, dnnlib, legacy
-from torch_utils import custom_ops
 from torch_utils.ops import bias_act, upfirdn2d
 assert bias_act._init() and upfirdn2d._init(), 'custom CUDA ops did not compile'
 with dnnlib.util.open_url(sys.argv[1]) as f:

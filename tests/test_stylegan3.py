@@ -332,3 +332,41 @@ def test_smoke_run_and_stock_gen_images(sg3_checkout, tmp_path, cfg, extra):
 
     rtm_mapping('patch', '--revert', sg3_checkout)
     assert {name: (sg3_checkout / name).read_bytes() for name in originals} == originals
+
+#----------------------------------------------------------------------------
+# Metrics and sweep-h on a StyleGAN3-codebase RTM pickle (stand-in detectors, tiny sizes).
+
+def test_prdc_through_calc_metrics_and_sweep_h(sg3_checkout, tmp_path, monkeypatch):
+    from metrics import metric_utils
+
+    from rtm_mapping import detectors
+    from rtm_mapping.sweep import sweep_h
+    from stylegan2_ada_patch.dataset import write_dataset
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'dnnlib'))
+    monkeypatch.setattr(metric_utils, '_feature_detector_cache', dict())
+    for name in detectors.NAMES:   # StyleGAN3's metrics unpickle their detectors: .pkl stand-ins
+        detectors.install(name, detectors.standin(name, str(tmp_path / f'{name}.pkl'), num_features=16))
+    data = write_dataset(str(tmp_path / 'data.zip'), count=12, resolution=16)
+    G = build('stylegan2').eval()
+    snapshot_pkl = tmp_path / 'snapshot.pkl'
+    with open(snapshot_pkl, 'wb') as f:
+        pickle.dump(dict(snapshot(G, build_d()), training_set_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data,
+                                                                          use_labels=False, max_size=None, xflip=False, resolution=16)), f)
+
+    rtm_mapping('patch', sg3_checkout)
+    env = dict(shim_env(), DNNLIB_CACHE_DIR=str(tmp_path / 'dnnlib'))
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', 'cpu', 'calc_metrics.py', f'--network={snapshot_pkl}', '--metrics=prdc_full'],
+                         cwd=sg3_checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"results"')))['results']
+    assert set(result) == {f'prdc_full_{key}' for key in ('precision', 'recall', 'density', 'coverage')}
+    assert all(0 <= value <= 1 for key, value in result.items() if not key.endswith('density'))
+
+    table = tmp_path / 'sweep.json'
+    result = CliRunner().invoke(sweep_h, ['--network', str(snapshot_pkl), '--metrics', 'prdc_vgg_full', '--h', '2,3', '--stylegan', str(sg3_checkout),
+                                          '--device', 'cpu', '--verbose', 'false', '--out-json', str(table), '--out-md', str(tmp_path / 'sweep.md')])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(table.read_text())['rows']
+    assert [(row['h'], row['native']) for row in rows] == [(2, False), (3, True)] and G.mapping.rtm.steps == 3
+    assert list(rows[0]['results']) == [f'prdc_vgg_full_{key}' for key in ('precision', 'recall', 'density', 'coverage')]
+    assert metric_utils.torch is torch   # the sweep's CPU substitution ended with it

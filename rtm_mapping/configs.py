@@ -82,7 +82,8 @@ def train(config_name, data, outdir, gpus, stylegan, dry_run, print_only, extra)
     """
     config = load_config(config_name)
     root = checkout.find(stylegan)
-    state = patcher.state('train.py', open(os.path.join(root, 'train.py'), encoding='utf-8').read())
+    with open(os.path.join(root, 'train.py'), encoding='utf-8') as f:
+        state = patcher.state('train.py', f.read())
     if state != 'patched':
         raise click.ClickException(f'{root}/train.py is not patched ({state}). Run: rtm-mapping patch {root}')
     data, outdir = (os.path.abspath(os.path.expanduser(p)) for p in (data, outdir))  # train.py runs in the checkout

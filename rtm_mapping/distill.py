@@ -2,8 +2,8 @@
 
 Used by `rtm-mapping swap` to give a pretrained generator an RTM mapper without retraining it.
 Imports only torch: the teacher is any callable (z, c) -> w and the student is an
-rtm_mapping.networks.MappingNetwork (or anything with `.rtm`, a RecursiveTokenMapper, and the
-official `embed`/`z_dim`/`c_dim` attributes).
+rtm_mapping.networks.MappingNetwork (or anything with `.rtm`, a RecursiveTokenMapper, `.mapper_input(z, c)`,
+what the RTM receives, and the official `z_dim`/`c_dim` attributes).
 
 What a plain Adam regression misses, and what this module does instead (docs/swap.md has the figures):
 
@@ -59,18 +59,23 @@ DEFAULTS = dict(
 INITS = ('teacher', 'zero', 'random')
 
 #----------------------------------------------------------------------------
+# Figures and fits shared by distill(), `rtm-mapping swap` and scripts/swap_*.py.
 
-def mapper_input(student, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """What StyleGAN2-ADA's MappingNetwork feeds its layers: normalized z, concatenated with the
-    normalized label embedding for a conditional model."""
-    def normalize(x):
-        return x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
-    parts = []
-    if student.z_dim > 0:
-        parts.append(normalize(z.to(torch.float32)))
-    if student.c_dim > 0:
-        parts.append(normalize(student.embed(c.to(torch.float32))))
-    return torch.cat(parts, dim=1)
+def adam_steps(kimg: float, batch: int) -> int:
+    """Adam steps for kimg thousand samples in batches of `batch` (at least one)."""
+    return max(1, math.ceil(kimg * 1000 / batch))
+
+
+def relative_error(w: torch.Tensor, target: torch.Tensor) -> float:
+    """Centered relative error ||w - target|| / ||target - mean(target)|| over a batch [n, w_dim]:
+    0 = exact, 1 = no better than predicting the mean target."""
+    return ((w - target).norm() / (target - target.mean(dim=0)).norm()).item()
+
+
+def affine(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply an affine map [in + 1, out] with the bias in the last row, as ridge_fit() and linear_floor()
+    return it, to x [n, in]."""
+    return torch.cat([x, torch.ones([x.shape[0], 1], dtype=x.dtype)], dim=1) @ a
 
 
 class Sampler:
@@ -148,14 +153,86 @@ def zero_residual_branches(rtm) -> None:
 
 
 def linear_floor(sampler: Sampler, teacher: Callable, student, samples: int) -> torch.Tensor:
-    """Least-squares affine map from the mapper input to w, fitted on `samples` draws: the floor
-    that any mapper which only learns the linear part of the teacher reaches. Returns [in + 1, w_dim]."""
+    """Least-squares affine map from the student's mapper input to w, fitted on `samples` draws: the floor
+    that any mapper which only learns the linear part of the teacher reaches. Returns [in + 1, w_dim]
+    (apply it with affine())."""
     z, c = sampler(samples)
     with torch.no_grad():
-        x = mapper_input(student, z, c).to(torch.float64)
+        x = student.mapper_input(z, c).to(torch.float64)
         x = torch.cat([x, torch.ones([x.shape[0], 1], dtype=x.dtype)], dim=1)
         w = teacher(z, c).to(torch.float64)
         return torch.linalg.lstsq(x, w).solution.to(torch.float32)
+
+#----------------------------------------------------------------------------
+# The three stages of distill(): initialisation, Adam, final readout refit.
+
+def fit_readout(student, teacher_w: Callable, sampler: Sampler, samples: int, ridge: float) -> None:
+    """Set the readout to the ridge least-squares fit of teacher_w on `samples` fresh draws."""
+    z, c = sampler(samples)
+    with torch.no_grad():
+        least_squares_readout(student.rtm, student.mapper_input(z, c), teacher_w(z, c), ridge)
+
+
+def initialise(student, teacher_w: Callable, sampler: Sampler, init: str, teacher_layer, lift_gain: float,
+               lsq_samples: int, ridge: float) -> None:
+    """Point 1 of the module docstring: the teacher lift, zero residual branches, a least-squares readout."""
+    if init == 'teacher':
+        lift_from_first_layer(student.rtm, teacher_layer, lift_gain)
+    if init in ('teacher', 'zero'):
+        zero_residual_branches(student.rtm)
+        fit_readout(student, teacher_w, sampler, lsq_samples, ridge)
+
+
+def adam(student, teacher_w: Callable, sampler: Sampler, steps: int, batch: int, lr: float, warmup: float, grad_steps: int,
+         on_step: Callable[[int, float], None]) -> None:
+    """Points 2 and 3 of the module docstring: Adam on the weights the RTM layers use, linear warm-up and
+    cosine decay, the mean squared w error as loss. Calls on_step(step, loss) after each step (from 1).
+    The RTM's grad_steps and its parameters' requires_grad are restored afterwards."""
+    rtm = student.rtm
+    lr = lr / rtm.lift.bias_gain        # bias_gain is the lr_multiplier of every RTM layer
+    params = list(rtm.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
+    stored_grad_steps = rtm.grad_steps
+    rtm.set_steps(grad_steps=grad_steps)
+    warmup_steps = max(1, round(warmup * steps))
+    try:
+        for step in range(steps):
+            scale = min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in opt.param_groups:
+                group['lr'] = lr * scale
+            z, c = sampler(batch)
+            target = teacher_w(z, c)
+            with torch.no_grad():
+                x = student.mapper_input(z, c)
+            loss = (rtm(x) - target).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            on_step(step + 1, loss.item())
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        rtm.set_steps(grad_steps=stored_grad_steps)
+
+
+def refit_readout(student, teacher_w: Callable, sampler: Sampler, val_samples: int, lsq_samples: int,
+                  ridge: float) -> Tuple[float, float]:
+    """Point 4 of the module docstring: fit the readout again by least squares on lsq_samples draws, and keep
+    the fit only if it lowers the relative error on val_samples held-out draws (drawn first); otherwise the
+    readout is restored exactly. Returns the held-out errors (before, after) the refit."""
+    rtm = student.rtm
+    z, c = sampler(val_samples)
+    with torch.no_grad():
+        x_val, w_val = student.mapper_input(z, c), teacher_w(z, c)
+        before, kept = relative_error(rtm(x_val), w_val), copy.deepcopy(rtm.readout.state_dict())
+    fit_readout(student, teacher_w, sampler, lsq_samples, ridge)
+    with torch.no_grad():
+        after = relative_error(rtm(x_val), w_val)
+    if after > before:
+        rtm.readout.load_state_dict(kept)
+    return before, after
 
 #----------------------------------------------------------------------------
 
@@ -174,15 +251,15 @@ def distill(
     ridge:       float = DEFAULTS['ridge'],
     grad_steps:  int = DEFAULTS['grad_steps'],
     val_samples: int = DEFAULTS['val_samples'],
-    effective_lr: bool = True,
     evaluate:    Optional[Callable[[], Dict]] = None,
     eval_every:  int = 0,
     progress:    Optional[Callable[[int, int, float], None]] = None,
 ) -> List[Dict]:
-    """Fit student.rtm so that RTM(mapper_input(z, c)) matches teacher(z, c), in place.
+    """Fit student.rtm so that RTM(student.mapper_input(z, c)) matches teacher(z, c), in place.
 
     Args:
-        student: MappingNetwork with an RTM (`.rtm`); only the RTM is trained (the label embedding is kept).
+        student: MappingNetwork with an RTM (`.rtm`) and `.mapper_input(z, c)`; only the RTM is trained
+            (the label embedding is kept).
         teacher: (z, c) -> w [batch, w_dim], the original mapper.
         kimg: Thousands of samples for Adam (the least-squares fits come on top).
         seed: Seed of the sample stream; the result is deterministic for a seed.
@@ -190,8 +267,6 @@ def distill(
             returns; needed by init='teacher'.
         batch, lr, warmup, init, lift_gain, lsq_samples, ridge, grad_steps, val_samples: see DEFAULTS. The RTM's own
             grad_steps is restored afterwards.
-        effective_lr: Divide lr by the RTM's lr_multiplier (Adam on the weights used); False is a
-            plain Adam on the stored parameters, for comparison.
         evaluate: Optional callable returning a dict of figures; called every eval_every steps.
         progress: Optional callable(step, total_steps, loss).
     Returns:
@@ -203,77 +278,32 @@ def distill(
         raise ValueError(f'init must be one of {INITS}, got {init!r}')
     if init == 'teacher' and teacher_layer is None:
         raise ValueError("init='teacher' needs teacher_layer (distill.first_layer(teacher_mapping)); or pass init='zero'")
-    rtm = student.rtm
     sampler = Sampler(student.z_dim, student.c_dim, seed)
     teacher_w = torch.no_grad()(teacher)
+    total = adam_steps(kimg, batch)
+    recording = evaluate is not None and eval_every > 0
     history = []
-
-    if init == 'teacher':
-        lift_from_first_layer(rtm, teacher_layer, lift_gain)
-    if init in ('teacher', 'zero'):
-        zero_residual_branches(rtm)
-        z, c = sampler(lsq_samples)
-        with torch.no_grad():
-            least_squares_readout(rtm, mapper_input(student, z, c), teacher_w(z, c), ridge)
-
-    total = max(1, math.ceil(kimg * 1000 / batch))
-    gain = rtm.lift.bias_gain if effective_lr else 1.0     # lr_multiplier of every RTM layer
-    params = [p for p in rtm.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr / gain, betas=(0.9, 0.99))
-    stored_grad_steps = rtm.grad_steps
-    rtm.set_steps(grad_steps=grad_steps)
-    warmup_steps = max(1, round(warmup * total))
 
     def record(step, loss):
         row = dict(step=step, kimg=step * batch / 1000, loss=loss)
-        if evaluate is not None:
+        if recording:
             row.update(evaluate())
         history.append(row)
 
-    if evaluate is not None and eval_every > 0:
-        record(0, float('nan'))
-    for step in range(total):
-        scale = min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))
-        for group in opt.param_groups:
-            group['lr'] = lr / gain * scale
-        z, c = sampler(batch)
-        target = teacher_w(z, c)
-        with torch.no_grad():
-            x = mapper_input(student, z, c)
-        loss = (rtm(x) - target).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def on_step(step, loss):
         if progress is not None:
-            progress(step + 1, total, loss.item())
-        if evaluate is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == total):
-            record(step + 1, loss.item())
-    for p in params:
-        p.requires_grad_(False)
-    rtm.set_steps(grad_steps=stored_grad_steps)
+            progress(step, total, loss)
+        if recording and (step % eval_every == 0 or step == total):
+            record(step, loss)
 
-    # Final readout refit, kept only if it generalises (held-out samples drawn before the fit's).
-    z, c = sampler(val_samples)
-    with torch.no_grad():
-        x_val, w_val = mapper_input(student, z, c), teacher_w(z, c)
-    def val_error():
-        with torch.no_grad():
-            return ((rtm(x_val) - w_val).norm() / (w_val - w_val.mean(dim=0)).norm()).item()
-    before, kept = val_error(), copy.deepcopy(rtm.readout.state_dict())
-    z, c = sampler(lsq_samples)
-    with torch.no_grad():
-        least_squares_readout(rtm, mapper_input(student, z, c), teacher_w(z, c), ridge)
-    after = val_error()
-    if after > before:
-        rtm.readout.load_state_dict(kept)
-    if evaluate is not None and eval_every > 0:
+    initialise(student, teacher_w, sampler, init, teacher_layer, lift_gain, lsq_samples, ridge)
+    if recording:
+        record(0, float('nan'))
+    adam(student, teacher_w, sampler, total, batch, lr, warmup, grad_steps, on_step)
+    before, after = refit_readout(student, teacher_w, sampler, val_samples, lsq_samples, ridge)
+    if recording or not history:
         record(total, float('nan'))
-    if history:
-        history[-1].update(readout_refit=after <= before, val_error=(before, after))
-    else:
-        history.append(dict(step=total, kimg=total * batch / 1000, loss=float('nan'), readout_refit=after <= before, val_error=(before, after)))
+    history[-1].update(readout_refit=after <= before, val_error=(before, after))
     return history
 
 #----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ networks.py (torch_utils.persistence), so the official tools load it without rtm
 
 import copy
 import json
-import math
 import os
 import pickle
 import time
@@ -40,8 +39,8 @@ def load_pickle(path: str) -> Dict:
     except ModuleNotFoundError as err:
         if 'filtered_lrelu' in str(err) or 'networks_stylegan3' in str(err):
             raise click.ClickException(f'{path} is a StyleGAN3 pickle; rtm-mapping supports StyleGAN2-ADA pickles only.') from err
-        raise click.ClickException(f'{path} needs a module the StyleGAN2-ADA checkout lacks ({err}); '
-                                   f'is it a StyleGAN2-ADA pickle, loaded with STYLEGAN2_ADA_ROOT set to that checkout?') from err
+        raise click.ClickException(f'{path} needs a module the StyleGAN2-ADA checkout lacks ({err}); pass a StyleGAN2-ADA pickle, '
+                                   f'and point --stylegan (or STYLEGAN2_ADA_ROOT) at the checkout that wrote it.') from err
     except KeyError as err:
         if err.args and err.args[0] in NETWORKS:
             raise click.ClickException(f'{path} has no {err.args[0]}; pass a snapshot written by train.py (a dict with G, D and G_ema).') from err
@@ -74,6 +73,16 @@ def mapper_kind(G) -> str:
     return 'mlp'
 
 
+def check_mlp_mappers(data: Dict, path: str) -> None:
+    """Refuse a pickle whose G or G_ema has no MLP mapper to distil from."""
+    for name in ('G', 'G_ema'):
+        if name in data and mapper_kind(data[name]) == 'rtm':
+            raise click.ClickException(f'{path} already has an RTM mapper; use `rtm-mapping set-h` to change its H, '
+                                       f'or pass a pickle with the MLP mapper.')
+        if name in data and mapper_kind(data[name]) != 'mlp':
+            raise click.ClickException(f'{name} in {path} has no mapping network; pass a StyleGAN2-ADA generator pickle.')
+
+
 def check_output_path(out: str, inputs) -> None:
     """Refuse to write over an input pickle."""
     for path in inputs:
@@ -83,14 +92,18 @@ def check_output_path(out: str, inputs) -> None:
 #----------------------------------------------------------------------------
 # Building the RTM generator.
 
+def rtm_options(steps: int) -> Dict:
+    """The RTM's mapping_kwargs: H = steps, the rest core.DEFAULTS (as train.py --map=rtm writes them)."""
+    return dict(steps=steps, inner_steps=core.DEFAULTS['inner_steps'], block=core.DEFAULTS['block'],
+                tokens=core.DEFAULTS['tokens'], token_dim=core.DEFAULTS['token_dim'])
+
+
 def rtm_generator_kwargs(G_old, steps: int) -> Dict:
-    """init_kwargs of the RTM Generator: the old ones, the MLP depth replaced by the RTM's options
-    (as train.py --map=rtm writes them)."""
+    """init_kwargs of the RTM Generator: the old ones, the MLP depth replaced by the RTM's options."""
     kwargs = copy.deepcopy(dict(G_old.init_kwargs))
     mapping_kwargs = dict(kwargs.get('mapping_kwargs') or {})
     mapping_kwargs.pop('num_layers', None)
-    mapping_kwargs.update(steps=steps, inner_steps=core.DEFAULTS['inner_steps'], block=core.DEFAULTS['block'],
-                          tokens=core.DEFAULTS['tokens'], token_dim=core.DEFAULTS['token_dim'])
+    mapping_kwargs.update(rtm_options(steps))
     kwargs['mapping_kwargs'] = mapping_kwargs
     return kwargs
 
@@ -108,8 +121,9 @@ def build_rtm_generator(G_old, steps: int, seed: int = 0):
     new = {name for name, _ in misc.named_params_and_buffers(G)}
     skipped = sorted(n for n in old - new if not n.startswith('mapping.fc'))
     if skipped:
-        raise click.ClickException(f'the generator has tensors that the RTM generator lacks ({", ".join(skipped[:4])}); '
-                                   f'is it a stock StyleGAN2-ADA generator?')
+        raise click.ClickException(f'the generator has tensors that the RTM generator lacks ({", ".join(skipped[:4])}), '
+                                   f'which a swap would lose; swap supports stock StyleGAN2-ADA generators '
+                                   f'(training.networks.Generator) only: pass a pickle that train.py wrote with the stock networks.')
     with torch.no_grad():
         misc.copy_params_and_buffers(G_old, G, require_all=False)
     return G
@@ -140,9 +154,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Evaluator:
     """Relative w error and image PSNR of a student mapper against the teacher's, on fixed seeds.
 
-    Relative w error (centered): ||w_student - w_teacher|| / ||w_teacher - mean(w_teacher)|| over all seeds
-    (1 = no better than predicting the mean w). Uncentered: ||w_student - w_teacher|| / ||w_teacher||, smaller
-    by the share of the mean w in ||w_teacher||."""
+    Relative w error (centered): distill.relative_error over all seeds (1 = no better than predicting the
+    mean w). Uncentered: ||w_student - w_teacher|| / ||w_teacher||, smaller by the share of the mean w in
+    ||w_teacher||."""
 
     def __init__(self, G_teacher, num_seeds: int, batch: int = 16):
         self.G = G_teacher
@@ -151,7 +165,6 @@ class Evaluator:
         with torch.no_grad():
             self.w = G_teacher.mapping(self.z, self.c)[:, 0]
             self.images = self.synthesize(self.w)
-        self.spread = (self.w - self.w.mean(dim=0)).norm().item()
 
     def synthesize(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -160,7 +173,7 @@ class Evaluator:
                               for i in range(0, len(ws), self.batch)])
 
     def w_error(self, w: torch.Tensor) -> float:
-        return (w - self.w).norm().item() / self.spread
+        return distill.relative_error(w, self.w)
 
     def figures(self, w: torch.Tensor, images: bool = True) -> Dict:
         out = dict(rel_w_error=self.w_error(w), rel_w_error_uncentered=(w - self.w).norm().item() / self.w.norm().item())
@@ -171,7 +184,14 @@ class Evaluator:
 
     def student_w(self, mapping) -> torch.Tensor:
         with torch.no_grad():
-            return mapping.rtm(distill.mapper_input(mapping, self.z, self.c))
+            return mapping.rtm(mapping.mapper_input(self.z, self.c))
+
+    def floor_figures(self, mapping, seed: int = 0, images: bool = True) -> Dict:
+        """figures() of the linear least-squares floor from the RTM mapping's input to the teacher's w,
+        fitted on a stream seeded apart from distill(mapping, ..., seed=seed)'s."""
+        sampler = distill.Sampler(self.G.z_dim, self.G.c_dim, seed + 1)
+        floor = distill.linear_floor(sampler, lambda z, c: self.G.mapping(z, c)[:, 0], mapping, samples=max(8192, 8 * self.G.z_dim))
+        return self.figures(distill.affine(floor, mapping.mapper_input(self.z, self.c)), images=images)
 
 
 def save_grid(rows, path: str) -> None:
@@ -214,57 +234,53 @@ def swap(network_pkl: str, out: str, map_h: int, distill_kimg: float, seed: int,
     check_output_path(out, [network_pkl])
     check_output_path(grid, [network_pkl])
     data = load_pickle(network_pkl)
-    for name in ('G', 'G_ema'):
-        if name in data and mapper_kind(data[name]) == 'rtm':
-            raise click.ClickException(f'{network_pkl} already has an RTM mapper; use `rtm-mapping set-h` to change its H, '
-                                       f'or pass a pickle with the MLP mapper.')
-        if name in data and mapper_kind(data[name]) != 'mlp':
-            raise click.ClickException(f'{name} in {network_pkl} has no mapping network; pass a StyleGAN2-ADA generator pickle.')
+    check_mlp_mappers(data, network_pkl)
     torch.set_grad_enabled(True)
     start = time.time()
 
-    G_old = data['G_ema']
-    teacher = G_old.mapping
-    G_ema = build_rtm_generator(G_old, map_h, seed)
-    G_ema.mapping.rtm.set_steps(steps=map_h)
-    evaluator = Evaluator(G_old, eval_seeds)
-    sampler = distill.Sampler(G_old.z_dim, G_old.c_dim, seed + 1)      # a different stream from the distillation's
-    floor = distill.linear_floor(sampler, lambda z, c: teacher(z, c)[:, 0], G_ema.mapping, samples=max(8192, 8 * G_old.z_dim))
-    x = distill.mapper_input(G_ema.mapping, evaluator.z, evaluator.c)
-    floor_w = torch.cat([x, torch.ones([len(x), 1])], dim=1) @ floor
-    floor_figures = evaluator.figures(floor_w)
-
-    total = max(1, math.ceil(distill_kimg * 1000 / distill.DEFAULTS['batch']))
-    with click.progressbar(length=total, label=f'Distilling {distill_kimg:g} kimg', show_eta=True, show_pos=True) as bar:
-        def progress(step, steps, loss):
-            bar.update(1)
-        distill.distill(G_ema.mapping, lambda z, c: teacher(z, c)[:, 0], kimg=distill_kimg, seed=seed,
-                        teacher_layer=distill.first_layer(teacher), progress=progress)
-    figures = evaluator.figures(evaluator.student_w(G_ema.mapping))
+    evaluator = Evaluator(data['G_ema'], eval_seeds)
+    result = dict(data, **rtm_generators(data, map_h, distill_kimg, seed))
+    G_ema = result['G_ema']
+    figures, floor_figures = evaluator.figures(evaluator.student_w(G_ema.mapping)), evaluator.floor_figures(G_ema.mapping, seed)
     elapsed = time.time() - start
+    with open(out, 'wb') as f:
+        pickle.dump(result, f)
+    n = min(16, eval_seeds)
+    save_grid([evaluator.images[:n], evaluator.synthesize(evaluator.student_w(G_ema.mapping)[:n])], grid)
 
-    result = dict(data)
-    result['G_ema'] = G_ema
+    report = dict(network=network_pkl, out=out, grid=grid, map_h=map_h, distill_kimg=distill_kimg, seed=seed, eval_seeds=eval_seeds,
+                  seconds=round(elapsed, 1), swapped=figures, linear_floor=floor_figures)
+    click.echo(summary(report))
+    click.echo(json.dumps(report))
+    click.echo(f'Wrote {out} and {grid} in {elapsed:.0f} s.')
+
+
+def rtm_generators(data: Dict, steps: int, kimg: float, seed: int) -> Dict:
+    """G_ema, and G where the pickle has one, with an RTM mapper distilled onto G_ema's MLP mapper
+    (G gets the same RTM, with its own synthesis network, w_avg and embedding)."""
+    teacher = data['G_ema'].mapping
+    G_ema = build_rtm_generator(data['G_ema'], steps, seed)
+    total = distill.adam_steps(kimg, distill.DEFAULTS['batch'])
+    with click.progressbar(length=total, label=f'Distilling {kimg:g} kimg', show_eta=True, show_pos=True) as bar:
+        distill.distill(G_ema.mapping, lambda z, c: teacher(z, c)[:, 0], kimg=kimg, seed=seed,
+                        teacher_layer=distill.first_layer(teacher), progress=lambda step, steps, loss: bar.update(1))
+    generators = dict(G_ema=G_ema)
     if 'G' in data:
-        G = build_rtm_generator(data['G'], map_h, seed)
+        G = build_rtm_generator(data['G'], steps, seed)
         with torch.no_grad():
             for dst, src in zip(G.mapping.rtm.parameters(), G_ema.mapping.rtm.parameters()):
                 dst.copy_(src)
-        result['G'] = G
-    with open(out, 'wb') as f:
-        pickle.dump(result, f)
+        generators['G'] = G
+    return generators
 
-    n = min(16, eval_seeds)
-    save_grid([evaluator.images[:n], evaluator.synthesize(evaluator.student_w(G_ema.mapping)[:n])], grid)
-    report = dict(network=network_pkl, out=out, grid=grid, map_h=map_h, distill_kimg=distill_kimg, seed=seed, eval_seeds=eval_seeds,
-                  seconds=round(elapsed, 1), swapped=figures, linear_floor=floor_figures)
-    click.echo(f'On seeds 0..{eval_seeds - 1}: relative w error {figures["rel_w_error"]:.4f} centered, '
-               f'{figures["rel_w_error_uncentered"]:.4f} uncentered (linear least-squares floor {floor_figures["rel_w_error"]:.4f}, '
-               f'{floor_figures["rel_w_error_uncentered"]:.4f}), '
-               f'median PSNR {figures["psnr_median"]:.2f} dB (floor {floor_figures["psnr_median"]:.2f} dB), '
-               f'worst {figures["psnr_min"]:.2f} dB.')
-    click.echo(json.dumps(report))
-    click.echo(f'Wrote {out} and {grid} in {elapsed:.0f} s.')
+
+def summary(report: Dict) -> str:
+    """The swap's figures in one sentence."""
+    figures, floor = report['swapped'], report['linear_floor']
+    return (f'On seeds 0..{report["eval_seeds"] - 1}: relative w error {figures["rel_w_error"]:.4f} centered, '
+            f'{figures["rel_w_error_uncentered"]:.4f} uncentered (linear least-squares floor {floor["rel_w_error"]:.4f}, '
+            f'{floor["rel_w_error_uncentered"]:.4f}), median PSNR {figures["psnr_median"]:.2f} dB '
+            f'(floor {floor["psnr_median"]:.2f} dB), worst {figures["psnr_min"]:.2f} dB.')
 
 #----------------------------------------------------------------------------
 

@@ -53,9 +53,7 @@ def main(out: str, kimg: float, layers: int, threads: int):
     torch.set_num_threads(threads)
     teacher = stock_teacher(layers)
     evaluator = swap.Evaluator(teacher, 64)
-    floor = distill.linear_floor(distill.Sampler(512, 0, 1), lambda z, c: teacher.mapping(z, c)[:, 0], teacher.mapping, 8192)
-    x = distill.mapper_input(teacher.mapping, evaluator.z, evaluator.c)
-    floor_error = evaluator.w_error(torch.cat([x, torch.ones([len(x), 1])], dim=1) @ floor)
+    floor_error = evaluator.floor_figures(swap.build_rtm_generator(teacher, 16).mapping, images=False)['rel_w_error']
     curves = {}
     for name, kwargs in METHODS.items():
         G = swap.build_rtm_generator(teacher, 16)

@@ -28,8 +28,7 @@ from rtm_mapping import distill
 def fit_error(features: torch.Tensor, w: torch.Tensor, n_fit: int) -> float:
     """Centered relative error on the held-out rows of a ridge least-squares readout fitted on the first n_fit."""
     a = distill.ridge_fit(features[:n_fit], w[:n_fit], ridge=1e-6)
-    test = w[n_fit:]
-    return ((features[n_fit:] @ a[:-1] + a[-1] - test).norm() / (test - test.mean(dim=0)).norm()).item()
+    return distill.relative_error(distill.affine(a, features[n_fit:]), w[n_fit:])
 
 
 @click.command()
@@ -39,10 +38,13 @@ def main(layers: int, samples: int):
     sys.path.insert(0, os.environ['STYLEGAN2_ADA_ROOT'])
     sys.path.insert(0, os.path.dirname(__file__))
     from swap_ablation import stock_teacher
-    mapping = stock_teacher(layers).mapping
+
+    from rtm_mapping import swap
+    teacher = stock_teacher(layers)
+    mapping, student = teacher.mapping, swap.build_rtm_generator(teacher, 16).mapping
     z, c = distill.Sampler(mapping.z_dim, mapping.c_dim, 0)(samples + 2048)
     with torch.no_grad():
-        x = distill.mapper_input(mapping, z, c).double()
+        x = student.mapper_input(z, c).double()
         w = mapping(z, c)[:, 0].double()
     lrelu = lambda v: F.leaky_relu(v, 0.2) * 2 ** 0.5     # noqa: E731  (bias_act's lrelu with its default gain)
     features, linearised = [x], x
@@ -55,7 +57,7 @@ def main(layers: int, samples: int):
         linearised = pre * (0.6 * 2 ** 0.5)         # E[lrelu'(u)] = 0.6 for symmetric u, times the gain
         bank = torch.cat(features, dim=1)
         click.echo(f'  + lrelu(linearised pre-activations of fc0..fc{k})   {fit_error(bank, w, samples):.3f}  [{bank.shape[1]} features]')
-    floor = distill.linear_floor(distill.Sampler(mapping.z_dim, mapping.c_dim, 1), lambda z, c: mapping(z, c)[:, 0], mapping, samples)
+    floor = distill.linear_floor(distill.Sampler(mapping.z_dim, mapping.c_dim, 1), lambda z, c: mapping(z, c)[:, 0], student, samples)
     eigenvalues = torch.linalg.eigvalsh(floor[:-1].double().T @ floor[:-1].double())      # ascending
     variance = (w - w.mean(dim=0)).square().sum(dim=1).mean().item()
     for k in (128, 64):

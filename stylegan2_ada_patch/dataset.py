@@ -1,5 +1,6 @@
 """A small synthetic image dataset, so that a training run can be seen without any download."""
 
+import colorsys
 import json
 import os
 import zipfile
@@ -10,19 +11,26 @@ import numpy as np
 import PIL.Image
 
 
+def class_colour(label: int, num_classes: int) -> np.ndarray:
+    """RGB in [0, 1] of a class's blobs: saturated hues evenly spaced around the colour wheel, so that
+    every class has its own hue (360 / num_classes degrees apart; by eye, up to about a dozen classes)."""
+    return np.asarray(colorsys.hsv_to_rgb(label / num_classes, 1.0, 1.0), np.float32)
+
+
 def synthetic_images(count: int, resolution: int, num_classes: int = 0, seed: int = 0):
-    """Yield (uint8 HWC image, label) pairs: soft blobs on a colour gradient, class = blob colour family."""
+    """Yield (uint8 HWC image, label) pairs: soft blobs on a colour gradient; the class sets the blobs' hue
+    (class_colour), the brightness varies within a class."""
     rng = np.random.RandomState(seed)
     yy, xx = np.mgrid[0:resolution, 0:resolution].astype(np.float32) / max(resolution - 1, 1)
     for _ in range(count):
         label = int(rng.randint(num_classes)) if num_classes else None
         base = rng.uniform(0, 1, size=[2, 3]).astype(np.float32)
         img = base[0] * (1 - yy[..., None]) + base[1] * yy[..., None]
-        hue = rng.uniform(0, 1, size=3) if label is None else np.roll([1.0, 0.2, 0.1], label)[:3] * rng.uniform(0.7, 1.0)
+        colour = rng.uniform(0, 1, size=3) if label is None else class_colour(label, num_classes) * rng.uniform(0.7, 1.0)
         for _ in range(rng.randint(1, 4)):
             cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.3)
             blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
-            img = img * (1 - blob) + np.asarray(hue, np.float32) * blob
+            img = img * (1 - blob) + np.asarray(colour, np.float32) * blob
         yield np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), label
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -98,3 +100,16 @@ def run_stock(script: str, cwd, root, argv=()) -> str:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope='session')
+def write_images():
+    """write_images(folder, count, resolution=16, seed=0) writes a folder of random RGB PNGs, which
+    training.dataset.ImageFolderDataset reads directly, and returns the folder."""
+    def write(folder, count, resolution=16, seed=0):
+        rng = np.random.default_rng(seed)
+        folder.mkdir(parents=True)
+        for i in range(count):
+            PIL.Image.fromarray(rng.integers(0, 256, [resolution, resolution, 3], dtype=np.uint8)).save(folder / f'{i:03d}.png')
+        return folder
+    return write

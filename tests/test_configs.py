@@ -63,7 +63,7 @@ def patched_checkout(stylegan_root, tmp_path_factory):
 @pytest.mark.parametrize('name', sorted(EXPECTED))
 def test_config_passes_train_py_dry_run(patched_checkout, name):
     tmp, root = patched_checkout
-    out = subprocess.run(['rtm-mapping', 'train', '--config', name, '--data', str(tmp / 'data'), '--outdir', str(tmp / 'runs'),
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', 'train', '--config', name, '--data', str(tmp / 'data'), '--outdir', str(tmp / 'runs'),
                           '--stylegan', str(root), '--dry-run'], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     text = out.stdout[out.stdout.index('Training options:') + len('Training options:'):]

@@ -7,6 +7,10 @@ import torch.nn.functional as F
 from rtm_mapping import core, distill
 
 
+def normalize(x):
+    return x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+
+
 class Student(torch.nn.Module):
     """The attributes distill() uses of an rtm_mapping.networks.MappingNetwork, unconditional."""
 
@@ -15,6 +19,9 @@ class Student(torch.nn.Module):
         torch.manual_seed(seed)
         self.z_dim, self.c_dim = dim, 0
         self.rtm = core.RecursiveTokenMapper(dim, dim, tokens=4, token_dim=dim // 4, steps=2, lr_multiplier=0.01)
+
+    def mapper_input(self, z, c):
+        return normalize(z)
 
 
 def teacher(dim, seed):
@@ -25,8 +32,7 @@ def teacher(dim, seed):
     act = lambda x: F.leaky_relu(x, 0.2) * 2 ** 0.5     # noqa: E731
 
     def w(z, c):
-        x = z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
-        return act(act(x @ w1.T + b1) @ w2.T + b2)
+        return act(act(normalize(z) @ w1.T + b1) @ w2.T + b2)
     return w, (w1, b1)
 
 
@@ -34,7 +40,7 @@ def error(student, teacher_w, seed=123, n=1024):
     z, c = distill.Sampler(student.z_dim, 0, seed)(n)
     with torch.no_grad():
         w = teacher_w(z, c)
-        return ((student.rtm(distill.mapper_input(student, z, c)) - w).norm() / (w - w.mean(dim=0)).norm()).item()
+        return distill.relative_error(student.rtm(student.mapper_input(z, c)), w)
 
 
 def test_teacher_init_needs_the_first_layer():
@@ -62,9 +68,7 @@ def test_teacher_lift_beats_the_linear_floor_and_a_random_lift():
     teacher_w, layer = teacher(32, 1000)
     floor = distill.linear_floor(distill.Sampler(32, 0, 7), teacher_w, Student(32, 0), 8192)
     z, c = distill.Sampler(32, 0, 123)(1024)
-    x = torch.cat([distill.mapper_input(Student(32, 0), z, c), torch.ones([1024, 1])], dim=1)
-    w = teacher_w(z, c)
-    floor_error = ((x @ floor - w).norm() / (w - w.mean(dim=0)).norm()).item()
+    floor_error = distill.relative_error(distill.affine(floor, normalize(z)), teacher_w(z, c))
     errors = {}
     for init in ('teacher', 'zero'):
         student = Student(32, 0)
@@ -73,3 +77,23 @@ def test_teacher_lift_beats_the_linear_floor_and_a_random_lift():
     message = f'floor {floor_error:.3f}, errors {errors}'
     assert errors['teacher'] < floor_error - 0.03, message
     assert errors['teacher'] < errors['zero'] - 0.05, message
+
+
+@pytest.mark.parametrize('fit_samples', [8, 4096])
+def test_readout_refit_is_kept_only_if_it_lowers_the_held_out_error(fit_samples):
+    """The final least-squares refit never leaves a readout worse on held-out samples: refitted on 4096
+    samples (33 unknowns per output) it is kept; on 8 it overfits and the readout is restored bit for bit."""
+    teacher_w, layer = teacher(32, 1000)
+    student = Student(32, 0)
+    sampler = distill.Sampler(32, 0, 5)
+    distill.initialise(student, teacher_w, sampler, 'teacher', layer, lift_gain=2.0, lsq_samples=64, ridge=1e-4)
+    readout = {k: v.clone() for k, v in student.rtm.readout.state_dict().items()}
+    before_error = error(student, teacher_w)
+    before, after = distill.refit_readout(student, teacher_w, sampler, val_samples=1024, lsq_samples=fit_samples, ridge=1e-4)
+    kept = all(torch.equal(v, readout[k]) for k, v in student.rtm.readout.state_dict().items())
+    if fit_samples == 8:
+        assert after > before and kept
+        assert error(student, teacher_w) == before_error
+    else:
+        assert after < before and not kept
+        assert error(student, teacher_w) < before_error

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from rtm_mapping import detectors
 from rtm_mapping.metrics import METRICS, PRDCMetric, detectors_needed, knn_radii, prdc
+from stylegan2_ada_patch import cpu
 
 #----------------------------------------------------------------------------
 # The math.
@@ -84,10 +85,21 @@ def test_blocks_match_brute_force(row_batch_size, col_batch_size):
     assert 0 < result['precision'] < 1 and 0 < result['recall'] < 1     # A case that tells the four apart.
 
 
-def test_registered_metric_table():
-    assert METRICS['prdc_full'] == PRDCMetric(name='prdc_full', detector='inception', k=5, max_real=200000, num_gen=None,
-                                              doc=METRICS['prdc_full'].doc)
-    assert METRICS['prdc_vgg_full'].detector == 'vgg16' and METRICS['prdc_vgg_full'].k == 5
+def test_docs_table_describes_the_registered_metrics():
+    """docs/metrics.md's table of metrics (features, k, image counts) says what METRICS computes."""
+    path = os.path.join(os.path.dirname(__file__), '..', 'docs', 'metrics.md')
+    rows = {}
+    for line in open(path, encoding='utf-8'):
+        cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+        if line.startswith('| `') and len(cells) == 6:
+            rows[cells[0].strip('`')] = cells
+    assert set(rows) == set(METRICS)
+    features = {'inception': 'Inception-v3', 'vgg16': 'VGG16'}
+    for name, (_, feature, k, reference, generated, _) in rows.items():
+        metric = METRICS[name]
+        assert feature.startswith(features[metric.detector]) and int(k) == metric.k, name
+        assert metric.num_gen is None and generated in ('as many as reference images', 'same'), name
+        assert metric.max_real == 200000 and reference in ('the dataset, no x-flips, at most 200k', 'same'), name
 
 #----------------------------------------------------------------------------
 # Detector hook.
@@ -165,15 +177,6 @@ def test_standin_signatures(tmp_path):
 #----------------------------------------------------------------------------
 # Registered metrics through the official pipeline (stand-in detectors, tiny sizes).
 
-def write_images(folder, count, resolution=16, seed=0):
-    """A folder of random RGB PNGs, which training.dataset.ImageFolderDataset reads directly."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for i in range(count):
-        PIL.Image.fromarray(rng.integers(0, 256, [resolution, resolution, 3], dtype=np.uint8)).save(folder / f'{i:03d}.png')
-    return folder
-
-
 @pytest.fixture
 def official_metrics(stylegan_root, tmp_path, monkeypatch):
     """The official metric modules, with the stand-in detectors installed in a fresh dnnlib cache under tmp_path."""
@@ -182,7 +185,8 @@ def official_metrics(stylegan_root, tmp_path, monkeypatch):
     for name in detectors.NAMES:
         detectors.install(name, detectors.standin(name, str(tmp_path / f'{name}.pt'), num_features=16))
     monkeypatch.setattr(metric_utils, '_feature_detector_cache', dict())
-    monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda self, *args, **kwargs: self, raising=False)  # CPU-only torch.
+    monkeypatch.setattr(metric_main, '_metric_dict', dict(metric_main._metric_dict))   # Registrations last for the test only.
+    monkeypatch.setattr(metric_utils, 'torch', cpu.CPU_TORCH)  # Its label pinning needs an accelerator; only for this test.
     return metric_main
 
 
@@ -202,16 +206,27 @@ class ReplayGenerator(torch.nn.Module):
         return self.images[index]
 
 
-def test_register_metrics_is_idempotent(official_metrics):
+def test_registered_metrics_run_by_name(official_metrics, tmp_path, write_images):
+    """--metrics=prdc_full,prdc_vgg_full: each runs on its own detector, with as many fakes as reference images
+    (a generator that replays the data scores 1, and a 25th fake, an outlier, would lower precision)."""
+    from metrics import metric_utils
+
     from rtm_mapping.metrics import register_metrics
-    before = set(official_metrics.list_valid_metrics())
+    data = write_images(tmp_path / 'data', count=24)
+    images = torch.from_numpy(np.stack([np.asarray(PIL.Image.open(data / f'{i:03d}.png')).transpose(2, 0, 1) for i in range(24)]))
     register_metrics()
-    register_metrics()
-    after = set(official_metrics.list_valid_metrics())
-    assert after - before <= set(METRICS) and set(METRICS) <= after
+    for name, metric in METRICS.items():
+        metric_utils._feature_detector_cache.clear()
+        ReplayGenerator.produced = 0
+        result = official_metrics.calc_metric(name, G=ReplayGenerator(images), device=torch.device('cpu'),
+                                              dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(data)))
+        assert [url for url, _ in metric_utils._feature_detector_cache] == [detectors.DETECTORS['stylegan2-ada'][metric.detector]], name
+        values = {key[len(name) + 1:]: value for key, value in result.results.items()}
+        assert values.keys() == {'precision', 'recall', 'density', 'coverage'}, name
+        assert values['precision'] == values['recall'] == values['coverage'] == 1.0 and values['density'] > 0, name
 
 
-def test_as_many_fakes_as_reference_images_equal_to_the_data_score_perfectly(official_metrics, tmp_path):
+def test_as_many_fakes_as_reference_images_equal_to_the_data_score_perfectly(official_metrics, tmp_path, write_images):
     from rtm_mapping.metrics import register_metrics
     data = write_images(tmp_path / 'data', count=24)
     # k = 1: a real image without its copy among the fakes is not covered (its nearest fake is a real

@@ -112,8 +112,10 @@ def test_python_dash_m_entry_point(checkout):
 def test_infinite_sampler_fix(stylegan_root):
     from torch_utils import misc
     fix_infinite_sampler()  # needed on torch >= 2, a no-op before
-    sampler = misc.InfiniteSampler(list(range(10)), seed=1)
-    assert sorted(next(iter(sampler)) for _ in range(1)) and isinstance(sampler, misc.InfiniteSampler)
+    def draws(seed):
+        stream = iter(misc.InfiniteSampler(list(range(10)), seed=seed))
+        return [int(next(stream)) for _ in range(100)]
+    assert set(draws(1)) == set(range(10)) and draws(1) == draws(1) != draws(2)  # every image, reproducible per seed
     assert fix_infinite_sampler() is False  # idempotent
 
 #----------------------------------------------------------------------------

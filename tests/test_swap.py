@@ -118,8 +118,6 @@ def test_distillation_is_deterministic(stylegan_root):
         assert torch.equal(a, b)
     assert torch.equal(G1.mapping.rtm.h_init, G2.mapping.rtm.h_init)
     assert h1[-1]['rel_w_error'] < 1 and h1[0]['rel_w_error'] < 1     # far better than the mean w
-    before, after = h1[-1]['val_error']
-    assert h1[-1]['readout_refit'] == (after <= before)             # the refit is kept only if it generalises
 
 
 def test_teacher_lift_beats_the_linear_floor_and_a_random_lift(stylegan_root):
@@ -131,9 +129,7 @@ def test_teacher_lift_beats_the_linear_floor_and_a_random_lift(stylegan_root):
     teacher = stock_snapshot(0)['G_ema']
     evaluator = swap_module.Evaluator(teacher, 64)
     teacher_w = lambda z, c: teacher.mapping(z, c)[:, 0]     # noqa: E731
-    floor = distill.linear_floor(distill.Sampler(32, 0, 1), teacher_w, teacher.mapping, 8192)
-    x = distill.mapper_input(teacher.mapping, evaluator.z, evaluator.c)
-    floor_error = evaluator.w_error(torch.cat([x, torch.ones([len(x), 1])], dim=1) @ floor)
+    floor_error = evaluator.floor_figures(swap_module.build_rtm_generator(teacher, 2, 0).mapping, images=False)['rel_w_error']
     errors = {}
     for init in ('teacher', 'zero'):
         G = swap_module.build_rtm_generator(teacher, 2, 0)
@@ -199,16 +195,11 @@ def test_set_h_changes_the_output_and_survives_force_fp16(swapped, tmp_path):
     z, c = torch.randn(4, 32), torch.eye(4)
     assert after.mapping.rtm.steps == 8 and rebuilt.mapping.rtm.steps == 8
     assert rebuilt.init_kwargs.synthesis_kwargs.num_fp16_res == 4      # it was rebuilt
-    expected = before.mapping.rtm(_x(before.mapping, z, c), steps=8)
+    expected = before.mapping.rtm(before.mapping.mapper_input(z, c), steps=8)
     assert torch.equal(after.mapping(z, c)[:, 0], expected)
     assert torch.equal(rebuilt.mapping(z, c)[:, 0], expected)
     assert not torch.equal(before.mapping(z, c)[:, 0], expected)
     assert invoke(set_h, [dst, '--h', '8', '--out', dst]).exit_code != 0     # never over the input
-
-
-def _x(mapping, z, c):
-    from rtm_mapping import distill
-    return distill.mapper_input(mapping, z, c)
 
 
 def test_info_prints_the_facts(swapped):

@@ -8,7 +8,6 @@ import pickle
 import pytest
 import torch
 from click.testing import CliRunner
-from test_metrics import write_images
 
 from rtm_mapping import detectors
 from rtm_mapping.metrics import PRDCMetric, register_metrics
@@ -44,7 +43,7 @@ def write_pickle(path, G, data):
 
 
 @pytest.fixture
-def setup(stylegan_root, tmp_path, monkeypatch):
+def setup(stylegan_root, tmp_path, monkeypatch, write_images):
     """Dataset, RTM pickle, stand-in detectors in a dnnlib cache under tmp_path, and the test metrics registered."""
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'dnnlib'))
     monkeypatch.chdir(tmp_path)

@@ -370,3 +370,77 @@ def test_prdc_through_calc_metrics_and_sweep_h(sg3_checkout, tmp_path, monkeypat
     assert [(row['h'], row['native']) for row in rows] == [(2, False), (3, True)] and G.mapping.rtm.steps == 3
     assert list(rows[0]['results']) == [f'prdc_vgg_full_{key}' for key in ('precision', 'recall', 'density', 'coverage')]
     assert metric_utils.torch is torch   # the sweep's CPU substitution ended with it
+
+#----------------------------------------------------------------------------
+# swap, info and set-h on stock StyleGAN3-codebase pickles.
+
+def stock_snapshot(family, c_dim):
+    """A pickle as training_loop.py writes it, with the official networks of a family (MLP mapper, random weights)."""
+    torch.manual_seed(1000 + c_dim)
+    G = build(family, c_dim=c_dim, official=True)
+    G_ema = copy.deepcopy(G)
+    with torch.no_grad():
+        G_ema.mapping.w_avg.normal_()
+    return dict(G=G.eval().requires_grad_(False), D=build_d(c_dim).eval().requires_grad_(False), G_ema=G_ema.eval().requires_grad_(False),
+                augment_pipe=None, training_set_kwargs=None)
+
+
+def load(path, force_fp16=False):
+    import legacy
+    with open(path, 'rb') as f:
+        return legacy.load_network_pkl(f, force_fp16=force_fp16)
+
+
+@pytest.mark.parametrize('family, c_dim', [('stylegan3', 0), ('stylegan2', 4)])
+def test_swap_info_and_set_h_on_a_stock_pickle(stylegan3_root, tmp_path, family, c_dim):
+    from torch_utils import misc
+
+    from rtm_mapping.swap import info, set_h, swap
+    stock = stock_snapshot(family, c_dim)
+    src, dst = str(tmp_path / 'stock.pkl'), str(tmp_path / 'rtm.pkl')
+    with open(src, 'wb') as f:
+        pickle.dump(stock, f)
+    result = CliRunner().invoke(swap, ['--network', src, '--out', dst, '--distill-kimg', '0.1', '--map-h', '2', '--eval-seeds', '4',
+                                       '--stylegan', stylegan3_root])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    new = load(dst)
+    for name in ('G', 'G_ema'):
+        assert type(new[name]) is modules(family)[0].Generator, name    # the RTM generator of the family
+        assert new[name].init_kwargs.mapping_kwargs == dict(steps=2, inner_steps=1, block='mixer', tokens=4, token_dim=128)
+        old = dict(misc.named_params_and_buffers(stock[name]))
+        for key, tensor in misc.named_params_and_buffers(new[name]):
+            if not key.startswith('mapping.rtm.'):
+                assert torch.equal(tensor, old[key]), (name, key)    # synthesis, w_avg, label embedding: bit for bit
+    assert type(new['D']).__name__ == 'Discriminator'
+
+    facts = json.loads(CliRunner().invoke(info, [dst, '--json', '--stylegan', stylegan3_root]).output)
+    assert facts['G_ema']['mapper'] == 'rtm' and facts['G_ema']['H'] == 2 and facts['G_ema']['w_avg_finite']
+    assert CliRunner().invoke(info, [src, '--stylegan', stylegan3_root]).output.count(f'mapper mlp ({stock["G"].mapping.num_layers} layers') == 2
+
+    again = str(tmp_path / 'rtm-h3.pkl')
+    result = CliRunner().invoke(set_h, [dst, '--h', '3', '--out', again, '--stylegan', stylegan3_root])
+    assert result.exit_code == 0, result.output
+    assert load(again)['G_ema'].mapping.rtm.steps == 3 and load(again, force_fp16=True)['G_ema'].mapping.rtm.steps == 3
+
+    out = run_stock('''
+        import sys, torch, legacy
+        with open('rtm.pkl', 'rb') as f:
+            G = legacy.load_network_pkl(f)['G_ema']
+        img = G(torch.randn([2, G.z_dim]), torch.eye(max(G.c_dim, 1))[:2, :G.c_dim], truncation_psi=0.7, noise_mode='const')
+        assert torch.isfinite(img).all() and not [m for m in sys.modules if m.startswith('rtm_mapping')]
+        print('ok', type(G.mapping).__name__, G.mapping.rtm.steps)
+    ''', tmp_path, stylegan3_root)
+    assert out.strip() == 'ok MappingNetwork 2'
+
+
+def test_tools_ask_for_the_checkout_that_wrote_the_pickle(stylegan3_root, tmp_path):
+    """A StyleGAN3 pickle given to the tools with a StyleGAN2-ADA checkout: refused, saying which checkout to use."""
+    other = os.environ.get('STYLEGAN2_ADA_ROOT')
+    if not other:
+        pytest.skip('needs STYLEGAN2_ADA_ROOT too')
+    with open(tmp_path / 'stock.pkl', 'wb') as f:
+        pickle.dump(stock_snapshot('stylegan3', 0), f)
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', 'info', str(tmp_path / 'stock.pkl'), '--stylegan', other],
+                         env=shim_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and 'is a StyleGAN3 pickle; point --stylegan (or $STYLEGAN3_ROOT) at a StyleGAN3 checkout' in out.stderr, out.stderr

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import shlex
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,14 @@ def options(output):
     return json.loads(text[:text.index('\n}\n') + 2]), output.split('Output directory:')[1].split('\n')[0].strip()
 
 
+def adam_refuses_mixed_betas():
+    try:
+        torch.optim.Adam([torch.zeros([1], requires_grad=True)], betas=[0, 0.99])
+        return False
+    except ValueError:
+        return True
+
+
 @pytest.fixture
 def patched(sg3_checkout):
     from stylegan2_ada_patch.dataset import write_dataset
@@ -268,10 +277,13 @@ def test_dry_runs_of_the_patched_train_py(patched):
     assert args['G_kwargs']['mapping_kwargs'] == dict(steps=8, inner_steps=2, block='mixer', tokens=4, token_dim=128)
     assert run_dir.endswith('-stylegan3-r-data-gpus1-batch4-gamma1-rtmH8L2')
     assert args['D_kwargs']['class_name'] == 'training.networks_stylegan2.Discriminator'
+    assert all(isinstance(beta, float) for beta in args['G_opt_kwargs']['betas'])   # the loop passes them to Adam as written
+    assert ('made them floats' in out.stdout) == adam_refuses_mixed_betas()
 
     out = train(root, '--cfg=stylegan2', '--map=rtm', '--map-block=attention', '--dry-run')
     args, run_dir = options(out.stdout)
     assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks_stylegan2.Generator' and run_dir.endswith('-rtmH16L1-attention')
+    assert 'made them floats' not in out.stdout     # lazy regularization: the loop makes them floats itself
 
     out = train(root, '--cfg=stylegan2', '--map-depth=3', '--dry-run')   # StyleGAN3's own option, its own meaning
     args, run_dir = options(out.stdout)
@@ -281,6 +293,15 @@ def test_dry_runs_of_the_patched_train_py(patched):
     assert out.returncode == 2 and '--map-depth sets the depth of the MLP mapper' in out.stdout + out.stderr
     help_text = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, env=shim_env(), capture_output=True, text=True).stdout
     assert help_text.count('--map-depth') == 1 and '--map-h' in help_text and '--smoke' in help_text
+
+    # The README's StyleGAN3 smoke command (dry run: what it would train).
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md'), encoding='utf-8').read()
+    command, = [line for line in readme.replace('\\\n', ' ').splitlines() if 'train.py' in line and '--smoke' in line and 'stylegan3-t' in line]
+    out = subprocess.run([sys.executable, *shlex.split(command)[1:], '--dry-run'], cwd=root, env=shim_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    args, run_dir = options(out.stdout)
+    smoke = 'smoke' if torch.cuda.is_available() else 'cpusmoke'
+    assert run_dir.endswith(f'-stylegan3-t-data-gpus1-batch4-gamma1-rtmH4L1-{smoke}') and args['total_kimg'] == 0.008
 
 #----------------------------------------------------------------------------
 # As a new user would: patch, a CPU smoke run of each family, the stock gen_images.py without
@@ -316,9 +337,9 @@ def test_smoke_run_and_stock_gen_images(sg3_checkout, tmp_path, cfg, extra):
 
     out = train(sg3_checkout, f'--cfg={cfg}', '--cbase=1024', '--cmax=64', '--map=rtm', '--map-h=4', '--smoke=8', '--workers=1', *extra, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert 'rtm-mapping: smoke mode: 8 images on the CPU' in out.stdout
+    assert 'rtm-mapping: smoke mode: 8 images on the' in out.stdout
     run_dir, = (sg3_checkout / 'runs').iterdir()
-    assert run_dir.name.endswith(f'-{cfg}-data-gpus1-batch4-gamma1-rtmH4L1-cpusmoke')
+    assert run_dir.name.endswith(f'-{cfg}-data-gpus1-batch4-gamma1-rtmH4L1-' + ('smoke' if torch.cuda.is_available() else 'cpusmoke'))
     snapshot, = run_dir.glob('network-snapshot-*.pkl')
     family = 'stylegan2' if cfg == 'stylegan2' else 'stylegan3'
     assert json.loads((run_dir / 'training_options.json').read_text())['G_kwargs']['class_name'] == f'{FAMILIES[family][0]}.Generator'

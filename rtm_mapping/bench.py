@@ -1,7 +1,7 @@
 """`rtm-mapping bench`: what RTM costs against the MLP mapper of StyleGAN2-ADA, side by side.
 
-Four measurements in one run (issue 5), each a median over repeats after warm-up, with RTM and
-MLP timed alternately (A B, then B A) so that machine noise hits both alike:
+Five measurements in one run (issues 5 and 14), each a median over repeats after warm-up, with RTM
+and MLP timed alternately (A B, then B A) so that machine noise hits both alike:
 
   (a) mapper forward and forward + backward: RTM at H in SWEEP_H against the 2- and 8-layer MLP;
   (b) with a StyleGAN2-ADA checkout: whole-generator forward (App. H protocol: no gradient,
@@ -10,12 +10,17 @@ MLP timed alternately (A B, then B A) so that machine noise hits both alike:
       paper512 configurations of train.py, RTM mapper against MLP mapper;
   (c) mapper training memory: bytes autograd keeps for backward at H = 16 against H = 1
       (short gradient, §3.2) and against full backpropagation through all 16 steps;
-  (d) analytic FLOPs per sample of each mapper, and RTM's time per FLOP relative to the MLP's.
+  (d) analytic FLOPs per sample of each mapper, and RTM's time per FLOP relative to the MLP's;
+  (e) dispatch: aten ops each mapper call dispatches (counted with a TorchDispatchMode, views apart)
+      and the batch-1 latency, where a call is bound by dispatch and kernel launches rather than
+      arithmetic: the 2- and 8-layer MLP, RTM eager and RTM captured (torch.compile, set_compile).
 
 The MLP baseline is the official `training.networks.MappingNetwork` when a checkout is given,
 else `ReferenceMLP` below, a pure-torch equivalent of it.
 """
 
+import collections
+import copy
 import functools
 import json
 import math
@@ -26,14 +31,16 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import click
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rtm_mapping import __version__, core
 from rtm_mapping.core import RecursiveTokenMapper
+from stylegan2_ada_patch import checkout
 
 #----------------------------------------------------------------------------
 # What is measured, in one place.
@@ -42,6 +49,8 @@ Z_DIM = W_DIM = 512         # As train.py.
 SWEEP_H = (1, 8, 16, 32)    # RTM steps H of part (a); core.DEFAULTS['steps'] is the default config.
 MLP_LAYERS = (2, 8)         # Official mapping depths: train.py --cfg=cifar uses 2, the paper configs 8.
 MEMORY_H = 16               # Part (c): H = 16 against H = 1 and against full backpropagation.
+DISPATCH_BATCH = 64         # Part (e): op counts at the batch of issue 14 (train.py --cfg=cifar); latency at batch 1.
+NUM_WS = 8                  # Part (e): the mapper as train.py --cfg=cifar builds it (32 px: 8 ws, w_avg tracked).
 
 # Unconditional generator configurations of the official train.py (cfg_specs), part (b).
 # On CUDA, mixed precision as train.py (num_fp16_res=4, conv_clamp=256); on CPU, float32.
@@ -52,17 +61,22 @@ GENERATOR_CONFIGS = {
                      architecture='resnet', style_mixing_prob=0.9, lrate=0.0025),
 }
 
-# Targets of issue 5, as ratios from one run. Printed and recorded, never asserted.
+# Targets of issues 5 and 14. Ratios are printed and recorded, never asserted; the op counts are
+# deterministic and pinned by tests/test_bench.py as well.
 TARGETS = {
     'generator_forward_overhead': {'cpu': 0.01, 'cuda': 0.05},  # cifar, batch 64: t_RTM / t_MLP - 1.
+    'train_step_overhead':        {'cuda': 0.05},               # cifar, batch 64, generator training step (paper: +4.7%).
     'memory_ratio':               1.3,                          # Saved bytes, H = 16 over H = 1.
     'time_per_flop_ratio':        1.5,                          # RTM (default H) over the MLP, mapper forward.
+    'kernels_no_grad':            600,                          # RTM eager at H = 16, batch 64, forward under no_grad.
+    'kernels_train':              750,                          # The same, train-mode forward + backward.
 }
 
 # Option defaults of a full run, and the tiny settings of --quick (a smoke test, not a measurement).
+# map_h: RTM steps of parts (b) and (e); --quick uses 2 to keep its compile short.
 RUNS = {
-    'full':  dict(batch=64, repeats=50, warmup=10, gen_repeats=5, gen_warmup=1, channel_div=1, gen_batch_div=1),
-    'quick': dict(batch=4,  repeats=2,  warmup=1,  gen_repeats=1, gen_warmup=1, channel_div=16, gen_batch_div=16),
+    'full':  dict(batch=64, repeats=50, warmup=10, gen_repeats=5, gen_warmup=1, channel_div=1, gen_batch_div=1, map_h=core.DEFAULTS['steps']),
+    'quick': dict(batch=4,  repeats=2,  warmup=1,  gen_repeats=1, gen_warmup=1, channel_div=16, gen_batch_div=16, map_h=2),
 }
 
 #----------------------------------------------------------------------------
@@ -190,9 +204,8 @@ def paired_overhead(times: Dict[str, List[float]], arm: str, baseline: str) -> f
 #----------------------------------------------------------------------------
 # Mappers.
 
-def _build_mappers(official: bool, device: torch.device, rtm_kwargs: Optional[dict] = None) -> Dict[str, dict]:
+def _build_mappers(official: bool, device: torch.device) -> Dict[str, dict]:
     """name -> dict(module, call, kind, H): the MLPs of MLP_LAYERS and RTM at every H of SWEEP_H."""
-    rtm_kwargs = dict(rtm_kwargs or {})
     mappers = {}
     for layers in MLP_LAYERS:
         if official:
@@ -202,7 +215,7 @@ def _build_mappers(official: bool, device: torch.device, rtm_kwargs: Optional[di
             module = ReferenceMLP(Z_DIM, W_DIM, layers)
         mappers[f'MLP {layers} layers'] = dict(module=module, kind='mlp', H=None)
     for steps in SWEEP_H:
-        mappers[f'RTM H={steps}'] = dict(module=_build_rtm(official, steps=steps, **rtm_kwargs), kind='rtm', H=steps)
+        mappers[f'RTM H={steps}'] = dict(module=_build_rtm(official, steps=steps), kind='rtm', H=steps)
     for m in mappers.values():
         m['module'].to(device)
         m['call'] = _caller(m['module'], official)
@@ -309,6 +322,116 @@ def bench_memory(official: bool, device: torch.device, batch: int) -> dict:
     return dict(batch=batch, rows=rows)
 
 #----------------------------------------------------------------------------
+# (e) Dispatch: ops per call and batch-1 latency.
+
+# Aten ops that dispatch but launch no kernel: aliasing ops (views) and these.
+NO_KERNEL_OPS = {'aten::_unsafe_view', 'aten::lift_fresh', 'aten::empty.memory_format', 'aten::empty_strided'}
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active: all of them, and those that launch a kernel
+    (views and NO_KERNEL_OPS apart). Ops that a kernel calls internally are not seen; neither is
+    a torch.compile'd region, which does not run under a dispatch mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+    def counts(self) -> dict:
+        views = sum(n for f, n in self.ops.items() if f.is_view or f.name() in NO_KERNEL_OPS)
+        total = sum(self.ops.values())
+        return dict(ops=total, kernels=total - views)
+
+
+def count_dispatch(fn: Callable[[], object]) -> dict:
+    """dict(ops, kernels): aten ops fn() dispatches, and those of them that launch a kernel."""
+    with DispatchCounter() as counter:
+        fn()
+    return counter.counts()
+
+
+def cuda_launches(fn: Callable[[], object]) -> int:
+    """Kernel and CUDA-graph launches fn() makes on the host (CUDA runtime and driver calls seen by torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if 'LaunchKernel' in e.key or 'GraphLaunch' in e.key)
+
+
+def _dispatch_mappers(official: bool, device: torch.device, steps: int, compile_mode: str) -> Dict[str, dict]:
+    """The mappers of part (e), built as train.py --cfg=cifar builds its mapper (num_ws, w_avg tracked);
+    RTM captured unless compile_mode is 'none'."""
+    mappers = {}
+    for layers in MLP_LAYERS:
+        if official:
+            from training import networks
+            module = networks.MappingNetwork(z_dim=Z_DIM, c_dim=0, w_dim=W_DIM, num_ws=NUM_WS, num_layers=layers)
+        else:
+            module = ReferenceMLP(Z_DIM, W_DIM, layers)
+        mappers[f'MLP {layers} layers'] = dict(module=module, mode='eager')
+    if official:
+        from rtm_mapping import networks
+        rtm = networks.MappingNetwork(z_dim=Z_DIM, c_dim=0, w_dim=W_DIM, num_ws=NUM_WS, steps=steps)
+    else:
+        rtm = RecursiveTokenMapper(Z_DIM, W_DIM, lr_multiplier=0.01, steps=steps)
+    mappers[f'RTM H={steps} eager'] = dict(module=rtm, mode='eager')
+    if compile_mode != 'none':
+        mappers[f'RTM H={steps} captured'] = dict(module=copy.deepcopy(rtm), mode='captured')
+    for m in mappers.values():
+        m['module'].to(device)
+        m['call'] = _caller(m['module'], official)
+    return mappers
+
+
+def _set_compile(module: torch.nn.Module, mode: str) -> None:
+    getattr(module, 'rtm', module).set_compile(mode)
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters['stats']['unique_graphs']
+
+
+def bench_dispatch(official: bool, device: torch.device, steps: int, repeats: int, warmup: int, compile_mode: str) -> dict:
+    """Part (e): per mapper, the aten ops of one call at batch DISPATCH_BATCH (forward under no_grad, and
+    train-mode forward + backward), on CUDA the host-side kernel launches, and the batch-1 forward latency.
+    The captured RTM is compiled once, for the batch-1 forward: its compile time and graph count are recorded."""
+    mappers = _dispatch_mappers(official, device, steps, compile_mode)
+    z64 = torch.randn([DISPATCH_BATCH, Z_DIM], device=device)
+    z1 = torch.randn([1, Z_DIM], device=device)
+    rows, graphs_before = {}, _compiled_graphs()
+    for name, m in mappers.items():
+        row = rows[name] = dict(name=name, mode=m['mode'])
+        if m['mode'] == 'eager':
+            row['no_grad'] = count_dispatch(_forward(m, z64))
+            row['train'] = count_dispatch(_forward_backward(m, z64))
+        else:
+            _set_compile(m['module'], compile_mode)
+            m['module'].eval()
+            start = time.perf_counter()
+            _forward(m, z1)()
+            _sync(device)
+            row.update(compile_mode=compile_mode, compile_seconds=time.perf_counter() - start, graphs=_compiled_graphs() - graphs_before)
+    latency = medians(time_interleaved({name: _forward(m, z1) for name, m in mappers.items()}, repeats, warmup, device))
+    for name, m in mappers.items():
+        rows[name]['batch1_forward_ms'] = latency[name] * 1e3
+        if device.type == 'cuda':
+            rows[name]['cuda_launches_batch1_forward'] = cuda_launches(_forward(m, z1))
+    rtm_eager = rows[f'RTM H={steps} eager']['batch1_forward_ms']
+    for row in rows.values():
+        row['batch1_vs_rtm_eager'] = row['batch1_forward_ms'] / rtm_eager
+    for row in rows.values():
+        if row['mode'] == 'captured':   # graphs compiled in all: more than `graphs` would mean recompiles while timing
+            row['graphs_total'] = _compiled_graphs() - graphs_before
+    baseline = 'official training.networks.MappingNetwork' if official else 'rtm_mapping.bench.ReferenceMLP'
+    return dict(batch=DISPATCH_BATCH, steps=steps, baseline=baseline, rows=list(rows.values()))
+
+#----------------------------------------------------------------------------
 # (b) Generators of a real checkout.
 
 def _generator_settings(name: str, device: torch.device, channel_div: int, batch_div: int) -> dict:
@@ -324,8 +447,10 @@ def _generator_settings(name: str, device: torch.device, channel_div: int, batch
     return spec
 
 
-def bench_generator(name: str, device: torch.device, channel_div: int, batch_div: int, repeats: int, warmup: int) -> dict:
-    """Whole-generator forward and one generator training step, RTM (core.DEFAULTS) against MLP."""
+def bench_generator(name: str, device: torch.device, channel_div: int, batch_div: int, repeats: int, warmup: int,
+                    steps: int = core.DEFAULTS['steps'], compile_mode: str = 'none') -> dict:
+    """Whole-generator forward and one generator training step, RTM (core.DEFAULTS but H = steps)
+    against MLP, and RTM captured (set_compile(compile_mode)) unless compile_mode is 'none'."""
     import dnnlib
 
     spec = _generator_settings(name, device, channel_div, batch_div)
@@ -337,15 +462,19 @@ def bench_generator(name: str, device: torch.device, channel_div: int, batch_div
         'MLP': dnnlib.util.construct_class_by_name(class_name='training.networks.Generator', **common,
                                                    mapping_kwargs=dict(num_layers=spec['map']), synthesis_kwargs=synthesis_kwargs),
         'RTM': dnnlib.util.construct_class_by_name(class_name='rtm_mapping.networks.Generator', **common,
-                                                   mapping_kwargs=dict(), synthesis_kwargs=synthesis_kwargs),
+                                                   mapping_kwargs=dict(steps=steps), synthesis_kwargs=synthesis_kwargs),
     }
     generators['RTM'].synthesis.load_state_dict(generators['MLP'].synthesis.state_dict())
+    if compile_mode != 'none':
+        generators['RTM captured'] = copy.deepcopy(generators['RTM'])
+        generators['RTM captured'].mapping.rtm.set_compile(compile_mode)
     D = dnnlib.util.construct_class_by_name(class_name='training.networks.Discriminator', **image, architecture=spec['architecture'],
                                             epilogue_kwargs=dict(mbstd_group_size=spec['mbstd']), **synthesis_kwargs)
     D.to(device).requires_grad_(False)
     z = torch.randn([spec['batch'], Z_DIM], device=device)
     c = torch.zeros([spec['batch'], 0], device=device)
 
+    graphs_before = _compiled_graphs() if compile_mode != 'none' else 0
     for G in generators.values():
         G.to(device).eval().requires_grad_(False)
     forward_times = time_interleaved({arm: _generator_forward(G, z, c) for arm, G in generators.items()}, repeats, warmup, device)
@@ -359,10 +488,15 @@ def bench_generator(name: str, device: torch.device, channel_div: int, batch_div
                  mapper_params           = sum(p.numel() for p in G.mapping.parameters()),
                  mapper_flops_per_sample = mapper_flops(G.mapping))
             for arm, G in generators.items()]
-    return dict(settings=spec, rows=rows,
-                forward_overhead=paired_overhead(forward_times, 'RTM', 'MLP'),
-                train_step_overhead=paired_overhead(step_times, 'RTM', 'MLP'),
-                seconds=dict(forward=forward_times, train_step=step_times))
+    result = dict(settings=dict(spec, steps=steps, compile_mode=compile_mode), rows=rows,
+                  forward_overhead=paired_overhead(forward_times, 'RTM', 'MLP'),
+                  train_step_overhead=paired_overhead(step_times, 'RTM', 'MLP'),
+                  seconds=dict(forward=forward_times, train_step=step_times))
+    if compile_mode != 'none':
+        result.update(captured_forward_overhead=paired_overhead(forward_times, 'RTM captured', 'MLP'),
+                      captured_train_step_overhead=paired_overhead(step_times, 'RTM captured', 'MLP'),
+                      captured_graphs=_compiled_graphs() - graphs_before)
+    return result
 
 
 def _generator_forward(G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor) -> Callable[[], object]:
@@ -413,17 +547,22 @@ def _cpu_name() -> str:
 
 
 def evaluate_targets(results: dict) -> List[dict]:
-    """Each target of issue 5 with the measured ratio; `met` is None where the target was not measured
-    at its own settings (no checkout, --quick, shrunk channels or batch)."""
+    """Each target of issues 5 and 14 with the measured value; `met` is None where the target was not
+    measured at its own settings (no checkout, --quick, shrunk channels or batch, another H)."""
     device = results['meta']['device']
     targets = []
     cifar = results.get('generator', {}).get('cifar')
     if cifar is not None:
-        at_settings = not cifar['settings']['shrunk']
-        limit = TARGETS['generator_forward_overhead'][device]
-        value = cifar['forward_overhead']
-        targets.append(dict(name=f'generator forward overhead, cifar, batch {cifar["settings"]["batch"]}, {device}',
-                            value=value, limit=limit, met=(value <= limit) if at_settings else None))
+        at_settings = not cifar['settings']['shrunk'] and cifar['settings']['steps'] == core.DEFAULTS['steps']
+        for arm, prefix in [('RTM', ''), ('RTM captured', 'captured_')]:
+            for measure in ('forward', 'train_step'):
+                limit = TARGETS[f'generator_{measure}_overhead' if measure == 'forward' else 'train_step_overhead'].get(device)
+                value = cifar.get(f'{prefix}{measure}_overhead')
+                if limit is None or value is None:
+                    continue
+                what = 'forward' if measure == 'forward' else 'training step'
+                targets.append(dict(name=f'generator {what} overhead, {arm}, cifar, batch {cifar["settings"]["batch"]}, {device}',
+                                    value=value, limit=limit, met=(value <= limit) if at_settings else None))
     memory = results.get('memory')
     if memory is not None:
         ratio = _row(memory['rows'], f'RTM H={MEMORY_H}')['vs_h1']
@@ -437,7 +576,27 @@ def evaluate_targets(results: dict) -> List[dict]:
             targets.append(dict(name=f'RTM time per FLOP over {layers}-layer MLP, mapper forward, batch {mapper["batch"]}',
                                 value=ratio, limit=TARGETS['time_per_flop_ratio'],
                                 met=(ratio <= TARGETS['time_per_flop_ratio']) if not results['meta']['quick'] else None))
+    dispatch = results.get('dispatch')
+    if dispatch is not None:
+        rtm = _row(dispatch['rows'], f'RTM H={dispatch["steps"]} eager')
+        at_settings = dispatch['steps'] == core.DEFAULTS['steps']
+        for key, what in [('no_grad', 'forward under no_grad'), ('train', 'train-mode forward + backward')]:
+            value, limit = rtm[key]['kernels'], TARGETS[f'kernels_{key}']
+            targets.append(dict(name=f'RTM H={dispatch["steps"]} eager, kernel-launching ops, {what}, batch {dispatch["batch"]}',
+                                value=value, limit=limit, met=(value <= limit) if at_settings else None))
     return targets
+
+
+def _format_target(t: dict) -> Tuple[str, str]:
+    if 'overhead' in t['name']:
+        return f'{t["value"]:+.2%}', f'{t["limit"]:.0%}'
+    if 'ops' in t['name']:
+        return f'{t["value"]:,}', f'{t["limit"]:,}'
+    return f'{t["value"]:.2f}x', f'{t["limit"]:.2f}x'
+
+
+def _count(row: dict, key: str, field: str) -> str:
+    return f'{row[key][field]:,}' if key in row else 'n/a'
 
 
 def markdown(results: dict) -> str:
@@ -459,6 +618,22 @@ def markdown(results: dict) -> str:
             out.append(f'| {name} | {r["params"]:,} | {r["flops_per_sample"] / 1e6:.2f} | {r["forward_ms"]:.3f} | '
                        f'{r["forward_backward_ms"]:.3f} | {r["time_vs_mlp2"]:.2f}x | {r["time_per_flop_vs_mlp2"]:.2f}x | '
                        f'{r["time_per_flop_vs_mlp8"]:.2f}x |')
+    dispatch = results.get('dispatch')
+    if dispatch is not None:
+        cuda = meta['device'] == 'cuda'
+        out += ['', f'Dispatch (baseline: {dispatch["baseline"]}): aten ops per mapper call at batch {dispatch["batch"]} '
+                '(kernel-launching ones, views apart; a captured call is not counted, it runs no aten ops one by one), '
+                'and the batch-1 forward latency, median:', '',
+                '| mapper | ops, no_grad forward | kernel ops, no_grad forward | kernel ops, train forward + backward '
+                '| batch-1 forward ms | vs RTM eager |' + (' CUDA launches, batch-1 forward |' if cuda else ''),
+                '|---|---:|---:|---:|---:|---:|' + ('---:|' if cuda else '')]
+        for r in dispatch['rows']:
+            out.append(f'| {r["name"]} | {_count(r, "no_grad", "ops")} | {_count(r, "no_grad", "kernels")} | '
+                       f'{_count(r, "train", "kernels")} | {r["batch1_forward_ms"]:.3f} | {r["batch1_vs_rtm_eager"]:.2f}x |'
+                       + (f' {r["cuda_launches_batch1_forward"]:,} |' if cuda else ''))
+            if r['mode'] == 'captured':
+                out.append(f'| (compile: mode {r["compile_mode"]!r}, {r["compile_seconds"]:.1f} s, {r["graphs"]} graph(s); '
+                           f'{r["graphs_total"]} after timing) | | | | | |' + (' |' if cuda else ''))
     generator = results.get('generator')
     if generator:
         out += ['', 'Generator (official synthesis network), medians, ms per image:', '',
@@ -468,8 +643,14 @@ def markdown(results: dict) -> str:
             s = g['settings']
             for r in g['rows']:
                 out.append(f'| {name}{" (shrunk)" if s["shrunk"] else ""} | {s["batch"]} | {s["channel_base"]} / {s["channel_max"]} | '
-                           f'{r["mapper"]} | {r["forward_ms_per_image"]:.3f} | {r["train_step_ms_per_image"]:.3f} |')
+                           f'{r["mapper"]} H={s["steps"]} | {r["forward_ms_per_image"]:.3f} | {r["train_step_ms_per_image"]:.3f} |'
+                           if r['mapper'] != 'MLP' else
+                           f'| {name}{" (shrunk)" if s["shrunk"] else ""} | {s["batch"]} | {s["channel_base"]} / {s["channel_max"]} | '
+                           f'MLP {s["map"]} layers | {r["forward_ms_per_image"]:.3f} | {r["train_step_ms_per_image"]:.3f} |')
             out.append(f'| {name} | | | RTM overhead (median of paired ratios) | {g["forward_overhead"]:+.2%} | {g["train_step_overhead"]:+.2%} |')
+            if 'captured_forward_overhead' in g:
+                out.append(f'| {name} | | | RTM captured overhead ({g["captured_graphs"]} graphs compiled) | '
+                           f'{g["captured_forward_overhead"]:+.2%} | {g["captured_train_step_overhead"]:+.2%} |')
     memory = results.get('memory')
     if memory is not None:
         cuda = 'cuda_peak_bytes' in memory['rows'][0]
@@ -482,17 +663,86 @@ def markdown(results: dict) -> str:
     for note in results.get('notes', []):
         out += ['', f'Note: {note}']
     if results['targets']:
-        out += ['', 'Targets (issue 5):', '', '| target | measured | limit | met |', '|---|---:|---:|---|']
+        out += ['', 'Targets (issues 5 and 14):', '', '| target | measured | limit | met |', '|---|---:|---:|---|']
         for t in results['targets']:
-            value = f'{t["value"]:+.2%}' if 'overhead' in t['name'] else f'{t["value"]:.2f}x'
-            limit = f'{t["limit"]:.0%}' if 'overhead' in t['name'] else f'{t["limit"]:.2f}x'
+            value, limit = _format_target(t)
             met = 'not at target settings' if t['met'] is None else ('yes' if t['met'] else 'NO')
             out.append(f'| {t["name"]} | {value} | {limit} | {met} |')
     return '\n'.join(out)
 
 #----------------------------------------------------------------------------
+# The report of scripts/gpu_bench.sh: this bench's JSON and train.py's speed, in one JSON and one table.
 
-PARTS = ('mapper', 'generator', 'memory')
+TRAIN_ARMS = ('mlp', 'rtm', 'rtm-compile')   # train.py --map=mlp, --map=rtm, --map=rtm --map-compile
+
+
+def training_speed(run_dir: str) -> dict:
+    """Seconds per kimg of a train.py run, from its stats.jsonl: the median over ticks 1, 2, ...
+    (tick 0 is the first batch: start-up, custom-op and torch.compile time), and tick 0's seconds."""
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        ticks = [json.loads(line) for line in f if line.strip()]
+    if len(ticks) < 2:
+        raise click.ClickException(f'{run_dir}/stats.jsonl has {len(ticks)} tick(s); the speed needs tick 0 and at least one more: train longer (--kimg).')
+    steady = [t['Timing/sec_per_kimg']['mean'] for t in ticks[1:]]
+    return dict(sec_per_kimg=statistics.median(steady), sec_per_kimg_ticks=steady, ticks=len(ticks) - 1,
+                kimg=ticks[-1]['Progress/kimg']['mean'], tick0_sec=ticks[0]['Timing/sec_per_tick']['mean'])
+
+
+def _merge(bench_jsons: List[str]) -> dict:
+    """The results of several bench runs (each a part) as one: parts, notes and targets together."""
+    merged = None
+    for path in bench_jsons:
+        with open(path) as f:
+            results = json.load(f)
+        if merged is None:
+            merged = results
+            continue
+        for key in PARTS + ('flops',):
+            if key in results:
+                merged[key] = results[key]
+        merged['notes'] += results['notes']
+        merged['targets'] += results['targets']
+        merged['meta']['command'] += ' && ' + results['meta']['command']
+    return merged
+
+
+def gpu_report(bench_jsons: List[str], runs: Dict[str, Optional[str]], stage_seconds: Dict[str, float],
+               failed: List[str]) -> Tuple[dict, str]:
+    """One JSON-able dict and one markdown table from the bench JSONs and the train.py run folders
+    (TRAIN_ARMS; None where that run failed), with the seconds of each stage and the stages that failed."""
+    results = _merge(bench_jsons) if bench_jsons else None
+    training = {arm: training_speed(run_dir) for arm, run_dir in runs.items() if run_dir is not None}
+    for speed in training.values():
+        speed['overhead_vs_mlp'] = speed['sec_per_kimg'] / training['mlp']['sec_per_kimg'] - 1 if 'mlp' in training else None
+    report = dict(machine=None if results is None else results['meta']['machine'], bench=results, training=training,
+                  stage_seconds=stage_seconds, total_seconds=sum(stage_seconds.values()), failed_stages=failed)
+    out = [] if results is None else [markdown(results), '']
+    out += ['train.py --cfg=cifar --batch=64, seconds per kimg (median of ticks after tick 0):', '',
+            '| mapper | sec/kimg | vs MLP | ticks | tick 0 s (start-up, compile) |', '|---|---:|---:|---:|---:|']
+    for arm, s in training.items():
+        vs = '' if s['overhead_vs_mlp'] is None else f'{s["overhead_vs_mlp"]:+.2%}'
+        out.append(f'| {arm} | {s["sec_per_kimg"]:.3f} | {vs} | {s["ticks"]} | {s["tick0_sec"]:.1f} |')
+    out += ['', 'Stages, seconds: ' + ', '.join(f'{name} {sec:.0f}' for name, sec in stage_seconds.items())
+            + f'; total {report["total_seconds"]:.0f}.']
+    if failed:
+        out += ['', f'FAILED stages (see their logs): {", ".join(failed)}.']
+    return report, '\n'.join(out)
+
+
+def write_gpu_report(bench_jsons: List[str], runs: Dict[str, Optional[str]], stage_seconds: Dict[str, float], failed: List[str],
+                     out_json: str, out_md: str) -> str:
+    """gpu_report() written to out_json and out_md; returns the markdown."""
+    report, table = gpu_report(bench_jsons, runs, stage_seconds, failed)
+    with open(out_json, 'w') as f:
+        json.dump(report, f, indent=2)
+    with open(out_md, 'w') as f:
+        f.write(table + '\n')
+    return table
+
+#----------------------------------------------------------------------------
+# The command: set-up (settings, checkout), measurement (the parts), report (tables, JSON).
+
+PARTS = ('mapper', 'generator', 'memory', 'dispatch')
 
 
 def _full(key: str) -> str:
@@ -504,8 +754,6 @@ def _command_line(params: dict) -> str:
     args = ['rtm-mapping', 'bench']
     for name, value in params.items():
         flag = '--' + name.replace('_', '-')
-        if name == 'stylegan_root':
-            flag = '--stylegan'
         if value is None or value is False:
             continue
         if value is True:
@@ -517,13 +765,59 @@ def _command_line(params: dict) -> str:
     return ' '.join(shlex.quote(a) for a in args)
 
 
+def _find_checkout(stylegan: Optional[str], notes: List[str]) -> Optional[str]:
+    """The StyleGAN2-ADA checkout of --stylegan, else checkout.find()'s (${STYLEGAN2_ADA_ROOT}, else the
+    current folder), put on sys.path; None, with a note saying why, when --stylegan is not given and
+    there is none."""
+    try:
+        return checkout.use(stylegan)
+    except click.ClickException as err:
+        if stylegan is not None:
+            raise
+        notes.append(f'no StyleGAN2-ADA checkout ({err.format_message()}): generator part (b) skipped, '
+                     'MLP baseline is ReferenceMLP. Pass --stylegan to use one.')
+        click.echo(f'Note: {notes[-1]}', err=True)
+        return None
+
+
+def run_settings(quick: bool, **given) -> dict:
+    """The run's settings: each option given, else its RUNS default (full or --quick)."""
+    run = dict(RUNS['quick' if quick else 'full'])
+    run.update({key: value for key, value in given.items() if value is not None})
+    return run
+
+
+def measure(parts, configs, official: bool, device: torch.device, run: dict, paper512_channel_div: Optional[int], compile_mode: str) -> dict:
+    """Run the parts asked for; returns their results by part name."""
+    results = {}
+    torch.manual_seed(0)
+    if 'mapper' in parts:
+        click.echo('(a, d) mappers ...', err=True)
+        results['mapper'] = bench_mappers(official, device, run['batch'], run['repeats'], run['warmup'])
+    if 'dispatch' in parts:
+        click.echo('(e) dispatch ...', err=True)
+        results['dispatch'] = bench_dispatch(official, device, run['map_h'], run['repeats'], run['warmup'], compile_mode)
+    if 'memory' in parts:
+        click.echo('(c) memory ...', err=True)
+        results['memory'] = bench_memory(official, device, run['batch'])
+    if 'generator' in parts and official:
+        results['generator'] = {}
+        for name in configs:
+            channel_div = run['channel_div'] * ((paper512_channel_div or 1) if name == 'paper512' else 1)
+            click.echo(f'(b) generator {name} ...', err=True)
+            results['generator'][name] = bench_generator(name, device, channel_div, run['gen_batch_div'], run['gen_repeats'],
+                                                         run['gen_warmup'], steps=run['map_h'], compile_mode=compile_mode)
+    results['flops'] = {r['name']: r['flops_per_sample'] for r in results.get('mapper', {}).get('rows', [])} or \
+        {name: mapper_flops(m['module']) for name, m in _build_mappers(official, torch.device('cpu')).items()}
+    return results
+
+
 @click.command()
 @click.pass_context
 @click.option('--device',       type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True, help='Device to measure on.')
-@click.option('--stylegan', 'stylegan_root', type=click.Path(file_okay=False), default=None,
-              help='StyleGAN2-ADA checkout for part (b) and the official MLP  [default: $STYLEGAN2_ADA_ROOT; none = skip (b)]')
+@checkout.option
 @click.option('--part',         type=click.Choice(PARTS), multiple=True, default=PARTS, show_default=True,
-              help='Parts to run (repeatable); FLOPs always.')
+              help='Parts to run (repeatable); FLOPs always. Without a checkout, generator is skipped.')
 @click.option('--config',       type=click.Choice(list(GENERATOR_CONFIGS)), multiple=True, default=tuple(GENERATOR_CONFIGS),
               show_default=True, help='Generator configurations of part (b) (repeatable).')
 @click.option('--batch',        type=click.IntRange(min=1), default=None, help=f'Mapper batch of (a) and (c)  {_full("batch")}')
@@ -531,27 +825,27 @@ def _command_line(params: dict) -> str:
 @click.option('--warmup',       type=click.IntRange(min=0), default=None, help=f'Warm-up calls of each mapper  {_full("warmup")}')
 @click.option('--gen-repeats',  type=click.IntRange(min=1), default=None, help=f'Timed repeats of each generator  {_full("gen_repeats")}')
 @click.option('--gen-warmup',   type=click.IntRange(min=0), default=None, help=f'Warm-up calls of each generator  {_full("gen_warmup")}')
+@click.option('--map-h',        type=click.IntRange(min=1), default=None, help=f'RTM steps H of parts (b) and (e)  {_full("map_h")}')
+@click.option('--compile-mode', type=click.Choice(('none',) + core.COMPILE_MODES), default='auto', show_default=True,
+              help='torch.compile mode of the captured RTM in parts (b) and (e); auto = CUDA graphs on CUDA; none = eager only.')
 @click.option('--paper512-channel-div', type=click.IntRange(min=1), default=None,
               help='Divide channel_base and channel_max of paper512 by this (recorded as shrunk)  [default: 1 = official]')
 @click.option('--threads',      type=click.IntRange(min=1), default=None, help='torch CPU threads  [default: torch\'s choice]')
 @click.option('--out',          type=click.Path(dir_okay=False), default='rtm-bench.json', show_default=True, help='JSON results file.')
 @click.option('--quick',        is_flag=True, help='Tiny settings, a smoke test of the command (not a measurement).')
-def bench(ctx, device, stylegan_root, part, config, batch, repeats, warmup, gen_repeats, gen_warmup, paper512_channel_div, threads, out,
-          quick):
-    """Benchmark RTM against the MLP mapper, side by side, and check the targets of issue 5.
+def bench(ctx, device, stylegan, part, config, batch, repeats, warmup, gen_repeats, gen_warmup, map_h, compile_mode, paper512_channel_div,
+          threads, out, quick):
+    """Benchmark RTM against the MLP mapper, side by side, and check the targets of issues 5 and 14.
 
     \b
     Examples:
       rtm-mapping bench --stylegan ~/stylegan2-ada-pytorch --out bench.json
       rtm-mapping bench --device cuda --repeats 200 --warmup 20
+      rtm-mapping bench --part dispatch --repeats 200
       rtm-mapping bench --quick --part mapper
     """
-    run = RUNS['quick' if quick else 'full']
-    batch = run['batch'] if batch is None else batch
-    repeats = run['repeats'] if repeats is None else repeats
-    warmup = run['warmup'] if warmup is None else warmup
-    gen_repeats = run['gen_repeats'] if gen_repeats is None else gen_repeats
-    gen_warmup = run['gen_warmup'] if gen_warmup is None else gen_warmup
+    # Set-up.
+    run = run_settings(quick, batch=batch, repeats=repeats, warmup=warmup, gen_repeats=gen_repeats, gen_warmup=gen_warmup, map_h=map_h)
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device cuda: torch sees no CUDA device here; run with --device cpu or on a machine with a GPU.')
     if threads is not None:
@@ -563,20 +857,10 @@ def bench(ctx, device, stylegan_root, part, config, batch, repeats, warmup, gen_
     flush_denormal = dev.type == 'cpu' and torch.set_flush_denormal(True)
     if flush_denormal:
         ctx.call_on_close(lambda: torch.set_flush_denormal(False))
-
     notes = []
-    root = stylegan_root or os.environ.get('STYLEGAN2_ADA_ROOT')
-    if root:
-        from stylegan2_ada_patch import checkout
-        root = checkout.use(root)
-    elif 'generator' in part:
-        notes.append('no StyleGAN2-ADA checkout (--stylegan or $STYLEGAN2_ADA_ROOT): generator part (b) skipped, '
-                     'MLP baseline is ReferenceMLP.')
-        click.echo(f'Note: {notes[-1]}', err=True)
-    official = root is not None
-
+    root = _find_checkout(stylegan, notes)
     results = dict(meta=dict(
-        command  = _command_line(dict(ctx.params, stylegan_root=root)),
+        command  = _command_line(dict(ctx.params, stylegan=root)),
         argv     = sys.argv,
         date     = datetime.now(timezone.utc).isoformat(timespec='seconds'),
         device   = device,
@@ -584,28 +868,17 @@ def bench(ctx, device, stylegan_root, part, config, batch, repeats, warmup, gen_
         stylegan = root,
         flush_denormal = flush_denormal,
         machine  = machine_info(dev),
-        settings = dict(batch=batch, repeats=repeats, warmup=warmup, gen_repeats=gen_repeats, gen_warmup=gen_warmup,
-                        rtm=dict(core.DEFAULTS), sweep_h=list(SWEEP_H), mlp_layers=list(MLP_LAYERS), memory_h=MEMORY_H),
+        settings = dict(run, compile_mode=compile_mode, rtm=dict(core.DEFAULTS), sweep_h=list(SWEEP_H), mlp_layers=list(MLP_LAYERS),
+                        memory_h=MEMORY_H, dispatch_batch=DISPATCH_BATCH),
     ))
-    torch.manual_seed(0)
-    if 'mapper' in part:
-        click.echo('(a, d) mappers ...', err=True)
-        results['mapper'] = bench_mappers(official, dev, batch, repeats, warmup)
-    if 'memory' in part:
-        click.echo('(c) memory ...', err=True)
-        results['memory'] = bench_memory(official, dev, batch)
-    if 'generator' in part and official:
-        results['generator'] = {}
-        for name in config:
-            channel_div = run['channel_div'] * ((paper512_channel_div or 1) if name == 'paper512' else 1)
-            click.echo(f'(b) generator {name} ...', err=True)
-            results['generator'][name] = bench_generator(name, dev, channel_div, run['gen_batch_div'], gen_repeats, gen_warmup)
-    results['flops'] = {r['name']: r['flops_per_sample'] for r in results.get('mapper', {}).get('rows', [])} or \
-        {name: mapper_flops(m['module']) for name, m in _build_mappers(official, torch.device('cpu')).items()}
+
+    # Measurement.
+    results.update(measure(part, config, root is not None, dev, run, paper512_channel_div, compile_mode))
+
+    # Report.
     results['notes'] = notes
     results['targets'] = evaluate_targets(results)
     results['ratios'] = {t['name']: t['value'] for t in results['targets']}
-
     click.echo(markdown(results))
     with open(out, 'w') as f:
         json.dump(results, f, indent=2)

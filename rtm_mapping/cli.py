@@ -8,6 +8,7 @@ from rtm_mapping import __version__
 
 # name: (module, attribute, one-line help)
 COMMANDS = {
+    'get-stylegan': ('stylegan2_ada_patch.official', 'get_stylegan', 'Clone NVIDIA\'s StyleGAN code at the commit rtm-mapping is tested against.'),
     'patch':        ('stylegan2_ada_patch.patcher', 'patch',        'Add --map=rtm to a StyleGAN2-ADA or StyleGAN3 train.py (and --revert/--check).'),
     'make-dataset': ('stylegan2_ada_patch.dataset', 'make_dataset', 'Write a small synthetic image dataset zip, to see a run without downloads.'),
     'cpu':          ('stylegan2_ada_patch.cpu',     'cpu',          'Run an official script (generate.py, ...) on the CPU, for smoke tests.'),
@@ -18,6 +19,7 @@ COMMANDS = {
     'swap':         ('rtm_mapping.swap',            'swap',         'Replace the mapper of a pretrained pickle with a distilled RTM.'),
     'info':         ('rtm_mapping.swap',            'info',         'Describe the networks of a pickle.'),
     'set-h':        ('rtm_mapping.swap',            'set_h',        'Store another inference H in an RTM pickle.'),
+    'mode-coverage': ('rtm_mapping.mode_coverage',  'mode_coverage', 'Toy GAN on CPU: modes covered by RTM against the MLP mapper.'),
 }
 
 

@@ -9,7 +9,6 @@ import os
 import shlex
 import subprocess
 import sys
-from importlib import resources
 
 import click
 
@@ -25,9 +24,14 @@ CONFIG_KEYS = {'source', 'notes', 'train'}
 
 
 def builtin_configs():
-    """{name: path} of the configs shipped with the package (training_configs/ in the repository)."""
-    folder = resources.files('rtm_mapping.training_configs')
-    return {entry.name[:-len('.json')]: str(entry) for entry in folder.iterdir() if entry.name.endswith('.json')}
+    """{name: path} of the configs shipped with the package: rtm_mapping/training_configs/ where the package is
+    installed (setup.cfg maps it there), training_configs/ beside rtm_mapping/ in the source tree, which is what
+    `import rtm_mapping` finds when tests or scripts run from the repository."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, 'training_configs'), os.path.join(os.path.dirname(here), 'training_configs')):
+        if os.path.isdir(folder):
+            return {name[:-len('.json')]: os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.endswith('.json')}
+    raise click.ClickException(f'no training_configs/ folder next to {here}; reinstall rtm-mapping.')
 
 
 def load_config(name_or_path):

@@ -6,10 +6,18 @@ and only the last H-step is differentiated through ("short gradient").
 
 This module imports nothing but torch, on purpose: StyleGAN pickles embed the source
 of this file (see rtm_mapping/networks.py), so it must run wherever torch runs.
+
+Speed (issue 14). A GPU pays per launched kernel, and the recursion calls the shared block
+H * (L + 1) = 32 times per mapper call. So everything that does not change between block calls
+is computed once per call (`MixerBlock.prepare`: the equalized-learning-rate gains, the casts,
+the RMSNorm constants), residuals are fused into their matrix product (addmm / baddbmm), and the
+token-axis products run as batched matrix products on the [batch, tokens, token_dim] state
+without transposes. `set_compile` captures the recursion with torch.compile (opt-in; never
+stored in pickles or copies).
 """
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +49,34 @@ CARRY_SEED = 0x52544D  # 'RTM': the fixed carry vectors never touch the global R
 
 #----------------------------------------------------------------------------
 
-def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis, without a learned scale (TRM), computed in float32."""
+def rms_norm(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last axis, without a learned scale (TRM), computed in float32:
+    x / sqrt(mean(x^2) + eps), as 4 kernels (vector_norm, addcmul, rsqrt, mul) instead of 5.
+
+    Args:
+        x: Any shape.
+        eps: The epsilon as a 0-d float32 tensor on x's device (see MixerBlock.prepare).
+    """
     y = x.to(torch.float32)
-    y = y * torch.rsqrt(y.square().mean(dim=-1, keepdim=True) + eps)
-    return y.to(x.dtype)
+    norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)               # sqrt(sum(x^2))
+    mean_square = torch.addcmul(eps, norm, norm, value=1 / y.shape[-1])     # eps + sum(x^2) / n
+    return (y * torch.rsqrt(mean_square)).to(x.dtype)
+
+
+def token_rms_norm(x: torch.Tensor, eps: torch.Tensor, token_mean: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the token axis of x [batch, tokens, token_dim], computed in float32, in 4 kernels:
+    eps + mean(x^2) over the tokens is one batched product with token_mean, a [1, tokens] row of
+    1 / tokens (a reduction over a middle axis, linalg.vector_norm's or mean's, is slower on the CPU).
+
+    Args:
+        x: [batch, tokens, token_dim].
+        eps: The epsilon as a 0-d float32 tensor on x's device.
+        token_mean: [1, tokens] float32, every entry 1 / tokens.
+    """
+    y = x.to(torch.float32)
+    with torch.autocast(y.device.type, enabled=False):     # the sum of squares stays float32 under autocast
+        mean_square = torch.baddbmm(eps, token_mean.expand(y.shape[0], -1, -1), y.square())   # [batch, 1, token_dim]
+    return (y * torch.rsqrt(mean_square)).to(x.dtype)
 
 
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -76,10 +107,17 @@ class Linear(torch.nn.Module):
         self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
 
+    def scaled_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight with its gain applied, cast to dtype: what the layer multiplies by."""
+        return self.weight.to(dtype) * self.weight_gain
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype) * self.weight_gain
-        b = None if self.bias is None else self.bias.to(x.dtype) * self.bias_gain
-        return F.linear(x, w, b)
+        if self.bias is None:
+            return F.linear(x, self.scaled_weight(x.dtype))
+        # One kernel: bias_gain * bias + weight_gain * (x @ weight^T), the gains as GEMM scalars.
+        y = torch.addmm(self.bias.to(x.dtype), x.reshape(-1, x.shape[-1]), self.weight.to(x.dtype).t(),
+                        beta=self.bias_gain, alpha=self.weight_gain)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return f'in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, bias={self.bias is not None}'
@@ -98,9 +136,29 @@ class SwiGLU(torch.nn.Module):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
+
+def channel_mix(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """rms_norm(x + SwiGLU(x)) along the channel axis of x [batch, tokens, token_dim], the residual
+    fused into the down projection (addmm). gate_up, down: scaled weights (Linear.scaled_weight)."""
+    flat = x.reshape(-1, x.shape[-1])
+    gate, up = (flat @ gate_up.t()).chunk(2, dim=-1)
+    y = torch.addmm(flat, F.silu(gate) * up, down.t())                  # x + down(silu(gate) * up)
+    return rms_norm(y.reshape(x.shape), eps)
+
 #----------------------------------------------------------------------------
 # Shared blocks f. Each maps [batch, tokens, token_dim] to the same shape and is
 # called as f(state + injection), TRM's ReasoningModule with one layer.
+# block(x, weights) takes what block.prepare(x) returns, computed once per mapper call;
+# block(x) prepares its own.
+
+class MixerWeights(NamedTuple):
+    token_gate_up: torch.Tensor     # [2 * hidden, tokens]
+    token_down: torch.Tensor        # [tokens, hidden]
+    channel_gate_up: torch.Tensor   # [2 * hidden, token_dim]
+    channel_down: torch.Tensor      # [token_dim, hidden]
+    eps: torch.Tensor               # 0-d float32
+    token_mean: torch.Tensor        # [1, tokens] float32, every entry 1 / tokens
+
 
 class MixerBlock(torch.nn.Module):
     """MLP-Mixer block (Tolstikhin et al. 2021) in TRM's post-norm `mlp_t` form.
@@ -116,11 +174,36 @@ class MixerBlock(torch.nn.Module):
         self.token_mlp = SwiGLU(tokens, expansion, lr_multiplier)
         self.channel_mlp = SwiGLU(token_dim, expansion, lr_multiplier)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.transpose(1, 2)                                   # [batch, token_dim, tokens]
-        t = rms_norm(t + self.token_mlp(t), self.eps)
-        x = t.transpose(1, 2)                                   # [batch, tokens, token_dim]
-        return rms_norm(x + self.channel_mlp(x), self.eps)
+    def prepare(self, x: torch.Tensor) -> MixerWeights:
+        """Scaled weights and epsilon for x's dtype and device; they do not change between block calls."""
+        return MixerWeights(
+            token_gate_up   = self.token_mlp.gate_up.scaled_weight(x.dtype),
+            token_down      = self.token_mlp.down.scaled_weight(x.dtype),
+            channel_gate_up = self.channel_mlp.gate_up.scaled_weight(x.dtype),
+            channel_down    = self.channel_mlp.down.scaled_weight(x.dtype),
+            eps             = torch.full([], self.eps, dtype=torch.float32, device=x.device),
+            token_mean      = torch.full([1, x.shape[1]], 1 / x.shape[1], dtype=torch.float32, device=x.device),
+        )
+
+    def forward(self, x: torch.Tensor, weights: Optional[MixerWeights] = None) -> torch.Tensor:
+        w = self.prepare(x) if weights is None else weights
+        batch = x.shape[0]
+        # Token mixing, SwiGLU over the token axis of [batch, tokens, token_dim] as batched products
+        # (weight @ x per sample), the residual fused into the down projection (baddbmm).
+        gate, up = torch.bmm(w.token_gate_up.expand(batch, -1, -1), x).chunk(2, dim=1)
+        x = token_rms_norm(torch.baddbmm(x, w.token_down.expand(batch, -1, -1), F.silu(gate) * up), w.eps, w.token_mean)
+        # Channel mixing.
+        return channel_mix(x, w.channel_gate_up, w.channel_down, w.eps)
+
+
+class AttentionWeights(NamedTuple):
+    qkv: torch.Tensor               # [3 * token_dim, token_dim]
+    out: torch.Tensor               # [token_dim, token_dim]
+    channel_gate_up: torch.Tensor
+    channel_down: torch.Tensor
+    rope_cos: torch.Tensor          # [tokens, head_dim]
+    rope_sin: torch.Tensor
+    eps: torch.Tensor
 
 
 class AttentionBlock(torch.nn.Module):
@@ -145,21 +228,72 @@ class AttentionBlock(torch.nn.Module):
         self.register_buffer('rope_cos', angles.cos())
         self.register_buffer('rope_sin', angles.sin())
 
-    def _rope(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor) -> AttentionWeights:
+        """Scaled weights, rotary tables and epsilon for x's dtype and device."""
+        return AttentionWeights(
+            qkv             = self.qkv.scaled_weight(x.dtype),
+            out             = self.out.scaled_weight(x.dtype),
+            channel_gate_up = self.channel_mlp.gate_up.scaled_weight(x.dtype),
+            channel_down    = self.channel_mlp.down.scaled_weight(x.dtype),
+            rope_cos        = self.rope_cos.to(x.dtype),
+            rope_sin        = self.rope_sin.to(x.dtype),
+            eps             = torch.full([], self.eps, dtype=torch.float32, device=x.device),
+        )
+
+    @staticmethod
+    def _rope(x: torch.Tensor, w: AttentionWeights) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
-        return x * self.rope_cos.to(x.dtype) + rotated * self.rope_sin.to(x.dtype)
+        return x * w.rope_cos + rotated * w.rope_sin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: Optional[AttentionWeights] = None) -> torch.Tensor:
+        w = self.prepare(x) if weights is None else weights
         batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(self._rope(q), self._rope(k), v)
-        a = a.transpose(1, 2).reshape(batch, tokens, dim)
-        x = rms_norm(x + self.out(a), self.eps)
-        return rms_norm(x + self.channel_mlp(x), self.eps)
+        q, k, v = (x @ w.qkv.t()).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(self._rope(q, w), self._rope(k, w), v)
+        a = a.transpose(1, 2).reshape(batch * tokens, dim)
+        x = rms_norm(torch.addmm(x.reshape(batch * tokens, dim), a, w.out.t()).reshape(x.shape), w.eps)
+        return channel_mix(x, w.channel_gate_up, w.channel_down, w.eps)
 
 
 BLOCKS = ('mixer', 'attention')
+
+#----------------------------------------------------------------------------
+# Capturing the recursion (opt-in). torch.compile traces lines 2-11 of Algorithm 1 into one
+# graph per (batch size, dtype, device, H, L, grad_steps, grad mode); 'reduce-overhead' replays
+# it as a CUDA graph. The compiled function is shared by every mapper of the process and is
+# never part of a mapper's state: pickles and copies hold no trace of it.
+
+COMPILE_MODES = ('auto', 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+_compile_default: Optional[str] = None      # set_compile_default(); per process
+_compiled = dict()                          # (function, mode) -> torch.compile(function)
+
+
+def _check_compile_mode(mode: Optional[str]) -> None:
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f'compile mode must be None (eager) or one of {COMPILE_MODES}, got {mode!r}')
+    if mode is not None and not hasattr(torch, 'compile'):
+        raise RuntimeError(f'capturing the recursion needs torch.compile (PyTorch 2.0 or later); this is torch {torch.__version__}')
+
+
+def set_compile_default(mode: Optional[str]) -> None:
+    """Capture the recursion of every mapper in this process that has no set_compile() of its own
+    (what train.py --map-compile does in each training process: G, G_ema and rebuilt copies alike).
+    None = eager. Nothing of it is stored in pickles."""
+    global _compile_default
+    _check_compile_mode(mode)
+    _compile_default = mode
+
+
+def compiled(function, mode: str, device_type: str):
+    """torch.compile(function) for `mode` ('auto': CUDA graphs on CUDA, inductor's default elsewhere),
+    built once per process and reused."""
+    if mode == 'auto':
+        mode = 'reduce-overhead' if device_type == 'cuda' else 'default'
+    key = (function, mode)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(function, mode=mode, fullgraph=True)
+    return _compiled[key]
 
 #----------------------------------------------------------------------------
 
@@ -174,6 +308,8 @@ class RecursiveTokenMapper(torch.nn.Module):
             parameters, so steps, inner_steps and grad_steps can be changed on a trained model.
         lr_multiplier: Equalized learning-rate multiplier of every layer (StyleGAN uses 0.01).
     """
+
+    _compile_mode: Optional[str] = None     # set_compile(); an instance attribute, left out of pickles and copies
 
     def __init__(
         self,
@@ -197,8 +333,9 @@ class RecursiveTokenMapper(torch.nn.Module):
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')
         if block not in BLOCKS:
             raise ValueError(f'block must be one of {BLOCKS}, got {block!r}')
-        if not (expansion > 0 and eps > 0 and lr_multiplier > 0):
-            raise ValueError('expansion, eps and lr_multiplier must be positive')
+        for name, value in dict(expansion=expansion, eps=eps, lr_multiplier=lr_multiplier).items():
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f'{name} must be a positive number, got {value!r}')
         self.in_features = in_features
         self.out_features = out_features
         self.tokens = tokens
@@ -221,43 +358,56 @@ class RecursiveTokenMapper(torch.nn.Module):
         self.register_buffer('h_init', carry[0].clone())
         self.register_buffer('l_init', carry[1].clone())
 
+    @staticmethod
+    def _check_steps(**counts) -> None:
+        for name, value in counts.items():
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
     def set_steps(self, steps: Optional[int] = None, inner_steps: Optional[int] = None, grad_steps: Optional[int] = None) -> None:
         """Change H, L or the number of differentiated steps in place; parameters are unaffected
         (paper §4.4: a model trained at H = 16 can run at H = 8 ... 64 without retraining)."""
         steps = self.steps if steps is None else steps
         inner_steps = self.inner_steps if inner_steps is None else inner_steps
         grad_steps = self.grad_steps if grad_steps is None else grad_steps
-        for name, value in dict(steps=steps, inner_steps=inner_steps, grad_steps=grad_steps).items():
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        self._check_steps(steps=steps, inner_steps=inner_steps, grad_steps=grad_steps)
         self.steps, self.inner_steps, self.grad_steps = steps, inner_steps, grad_steps
 
-    def f(self, state: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
-        """The shared block: f(state, injection) = block(state + injection)."""
-        return self.block(state + injection)
-
-    def step(self, z_h: torch.Tensor, z_l: torch.Tensor, z0: torch.Tensor, inner_steps: int):
-        """One refinement step h of Algorithm 1 (lines 4-7)."""
-        for _ in range(inner_steps):
-            z_l = self.f(z_l, z_h + z0)     # L-level update with noise re-injection
-        z_h = self.f(z_h, z_l)              # H-level update
-        return z_h, z_l
-
-    def forward(self, z: torch.Tensor, steps: Optional[int] = None, inner_steps: Optional[int] = None) -> torch.Tensor:
-        """Map z [batch, in_features] to w [batch, out_features] (float32).
+    def set_compile(self, mode: Optional[str] = 'auto') -> 'RecursiveTokenMapper':
+        """Capture the recursion (Algorithm 1, lines 2-11) with torch.compile, or None = eager.
 
         Args:
-            z: Latent (or latent and label embedding), any scale: it is PixelNorm-ed first.
-            steps, inner_steps: Override H and L for this call only.
+            mode: 'auto' (CUDA graphs, torch.compile's 'reduce-overhead', on CUDA; inductor's
+                'default' elsewhere) or a torch.compile mode of COMPILE_MODES.
         Returns:
-            w, float32 unless run under autocast.
+            self. Outputs and gradients equal the eager ones within float tolerance. Each new batch
+            size, dtype, H, L or grad mode compiles once more (torch._dynamo guards). A copy
+            (copy.deepcopy, pickle) runs eager until set_compile is called on it.
         """
-        steps = self.steps if steps is None else steps
-        inner_steps = self.inner_steps if inner_steps is None else inner_steps
-        grad_steps = min(self.grad_steps, steps)
+        _check_compile_mode(mode)
+        self._compile_mode = mode
+        return self
 
-        # Algorithm 1, line 1: project noise to tokens.
-        z0 = self.lift(pixel_norm(z)).reshape(-1, self.tokens, self.token_dim)
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop('_compile_mode', None)
+        return state
+
+    def f(self, state: torch.Tensor, injection: torch.Tensor, weights) -> torch.Tensor:
+        """The shared block: f(state, injection) = block(state + injection)."""
+        return self.block(state + injection, weights)
+
+    def step(self, z_h: torch.Tensor, z_l: torch.Tensor, z0: torch.Tensor, inner_steps: int, weights):
+        """One refinement step h of Algorithm 1 (lines 4-7)."""
+        for _ in range(inner_steps):
+            z_l = self.f(z_l, z_h + z0, weights)    # L-level update with noise re-injection
+        z_h = self.f(z_h, z_l, weights)             # H-level update
+        return z_h, z_l
+
+    def recurse(self, z0: torch.Tensor, steps: int, inner_steps: int, grad_steps: int) -> torch.Tensor:
+        """Lines 2-11 of Algorithm 1: the carry, then H refinement steps; returns the outer state z_H."""
+        weights = self.block.prepare(z0)    # gains and casts once per call, not in each of the H (L + 1) block calls
+
         # Line 2: initialise the carry from fixed vectors.
         z_h = self.h_init.to(z0.dtype).expand_as(z0)
         z_l = self.l_init.to(z0.dtype).expand_as(z0)
@@ -265,16 +415,38 @@ class RecursiveTokenMapper(torch.nn.Module):
         # Lines 3-11. Steps before the last `grad_steps` keep no autograd state (short gradient, §3.2).
         with torch.no_grad():
             for _ in range(steps - grad_steps):
-                z_h, z_l = self.step(z_h, z_l, z0, inner_steps)
+                z_h, z_l = self.step(z_h, z_l, z0, inner_steps, weights)
         for _ in range(grad_steps):
-            z_h, z_l = self.step(z_h, z_l, z0, inner_steps)
+            z_h, z_l = self.step(z_h, z_l, z0, inner_steps, weights)
+        return z_h
 
+    def forward(self, z: torch.Tensor, steps: Optional[int] = None, inner_steps: Optional[int] = None) -> torch.Tensor:
+        """Map z [batch, in_features] to w [batch, out_features] (float32).
+
+        Args:
+            z: Latent (or latent and label embedding), any scale: it is PixelNorm-ed first.
+            steps, inner_steps: Override H and L for this call only (positive integers).
+        Returns:
+            w, float32 unless run under autocast.
+        """
+        steps = self.steps if steps is None else steps
+        inner_steps = self.inner_steps if inner_steps is None else inner_steps
+        self._check_steps(steps=steps, inner_steps=inner_steps)
+        grad_steps = min(self.grad_steps, steps)
+
+        # Algorithm 1, line 1: project noise to tokens.
+        z0 = self.lift(pixel_norm(z)).reshape(-1, self.tokens, self.token_dim)
+        # Lines 2-11: the recursion, eager or captured (set_compile).
+        mode = self._compile_mode or _compile_default
+        recurse = type(self).recurse if mode is None else compiled(type(self).recurse, mode, z0.device.type)
+        z_h = recurse(self, z0, steps, inner_steps, grad_steps)
         # Line 12: readout of the flattened outer state.
         return self.readout(z_h.flatten(1))
 
     def extra_repr(self) -> str:
         return (f'tokens={self.tokens}, token_dim={self.token_dim}, block={self.block_name!r}, '
-                f'steps={self.steps}, inner_steps={self.inner_steps}, grad_steps={self.grad_steps}')
+                f'steps={self.steps}, inner_steps={self.inner_steps}, grad_steps={self.grad_steps}'
+                + ('' if self._compile_mode is None else f', compile={self._compile_mode!r}'))
 
 #----------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@
 set -euo pipefail
 root=$(cd "${1:?usage: gpu_smoke.sh STYLEGAN_ROOT [WORKDIR]}" && pwd)
 work=${2:-$(mktemp -d)}
-mkdir -p "$work"
+mkdir -p "$work" && work=$(cd "$work" && pwd)   # absolute: the script cds into the checkout below
 
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 rtm-mapping patch "$root"

@@ -12,17 +12,29 @@ import click
 class Codebase:
     """One official codebase rtm-mapping plugs into."""
     name:       str                 # As users call it.
-    repo:       str                 # Where to get it.
+    repo:       str                 # Where to get it: github.com/<repo>.
+    commit:     str                 # The commit rtm-mapping is tested against (CI runs on exact copies of it).
     env_var:    str                 # Environment variable that points at a checkout.
     files:      Tuple[str, ...]     # Files that every checkout of it has (and the other codebase lacks one of).
+
+    @property
+    def url(self) -> str:
+        return f'https://github.com/{self.repo}.git'
+
+    @property
+    def folder(self) -> str:
+        """The folder name of a clone."""
+        return self.repo.split('/')[1]
 
 
 # key: Codebase. The keys are what the patch tables (patcher.EDITS) and the hooks are keyed by.
 CODEBASES = {
-    'stylegan2-ada': Codebase(name='StyleGAN2-ADA', repo='NVlabs/stylegan2-ada-pytorch', env_var='STYLEGAN2_ADA_ROOT',
+    'stylegan2-ada': Codebase(name='StyleGAN2-ADA', repo='NVlabs/stylegan2-ada-pytorch', commit='d72cc7d041b42ec8e806021a205ed9349f87c6a4',
+                              env_var='STYLEGAN2_ADA_ROOT',
                               files=('train.py', 'calc_metrics.py', 'legacy.py', 'dnnlib/util.py', 'torch_utils/persistence.py',
                                      'training/networks.py', 'training/training_loop.py')),
-    'stylegan3':     Codebase(name='StyleGAN3', repo='NVlabs/stylegan3', env_var='STYLEGAN3_ROOT',
+    'stylegan3':     Codebase(name='StyleGAN3', repo='NVlabs/stylegan3', commit='c233a919a6faee6e36a316ddd4eddababad1adf9',
+                              env_var='STYLEGAN3_ROOT',
                               files=('train.py', 'calc_metrics.py', 'legacy.py', 'dnnlib/util.py', 'torch_utils/persistence.py',
                                      'training/networks_stylegan2.py', 'training/networks_stylegan3.py', 'training/training_loop.py')),
 }
@@ -58,10 +70,13 @@ def find(root=None) -> str:
 
 
 def use(root=None) -> str:
-    """Put a StyleGAN checkout first on sys.path, so that dnnlib, legacy, torch_utils and training import."""
+    """Put a StyleGAN checkout first on sys.path, so that dnnlib, legacy, torch_utils and training import,
+    and make its code run on this stack (compat.apply())."""
+    from stylegan2_ada_patch import compat
     root = find(root)
     if root not in sys.path:
         sys.path.insert(0, root)
+    compat.apply()
     return root
 
 

@@ -16,6 +16,8 @@ import types
 import click
 import torch
 
+from stylegan2_ada_patch import checkout
+
 #----------------------------------------------------------------------------
 
 class _CpuTensor(torch.Tensor):
@@ -122,9 +124,7 @@ def load_script(path):
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise click.ClickException(f'{path} does not exist: give the path of a script in your StyleGAN2-ADA or StyleGAN3 checkout.')
-    root = os.path.dirname(path)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    checkout.use(os.path.dirname(path))
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

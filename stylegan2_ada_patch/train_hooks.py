@@ -1,6 +1,6 @@
 """What a patched train.py calls, in StyleGAN2-ADA and StyleGAN3 (see stylegan2_ada_patch/patcher.py for the lines).
 
-    setup()                       at import: PyTorch 2.x fix, extra metrics, --resume report.
+    setup()                       at import: today's-stack fixes (compat.py), extra metrics, --resume report.
     mapping_options               click options --map, --map-h, --map-l, ... and --smoke.
     setup_training_loop_kwargs()  StyleGAN2-ADA: wraps the official function and applies those options.
     apply_options()               StyleGAN3: applies those options to the config train.py built.
@@ -8,8 +8,8 @@
 What differs between the two codebases is data (CODEBASE_OPTIONS, RTM_GENERATORS); both go through apply().
 """
 
+import functools
 import inspect
-import multiprocessing
 import os
 import sys
 
@@ -17,7 +17,7 @@ import click
 import torch
 
 from rtm_mapping import core, metrics
-from stylegan2_ada_patch import checkout
+from stylegan2_ada_patch import checkout, compat
 
 # Official generator class: the same generator with an RTM mapper (rtm_mapping's adapter of that file).
 RTM_GENERATORS = {
@@ -34,26 +34,6 @@ CODEBASE_OPTIONS = {
 
 #----------------------------------------------------------------------------
 # setup()
-
-class _SamplerDataSource(torch.utils.data.Sampler):
-    """Accepts Sampler.__init__(data_source), which PyTorch 2.x removed and StyleGAN2-ADA still calls."""
-
-    def __init__(self, data_source=None):
-        del data_source
-        super().__init__()
-
-
-def fix_infinite_sampler():
-    """Make torch_utils.misc.InfiniteSampler construct on PyTorch 2.x; returns True if a fix was needed.
-    Its `super().__init__(dataset)` now resolves to _SamplerDataSource.__init__ (cooperative MRO)."""
-    from torch_utils import misc
-    try:
-        misc.InfiniteSampler(range(1))
-        return False
-    except TypeError:
-        misc.InfiniteSampler = type('InfiniteSampler', (misc.InfiniteSampler, _SamplerDataSource), {})
-        return True
-
 
 def report_resume(copy_params_and_buffers):
     """Wrap misc.copy_params_and_buffers so that a partial copy (as --resume does) says what it skipped."""
@@ -80,12 +60,30 @@ def report_resume(copy_params_and_buffers):
 def setup():
     """Called by the patched train.py and calc_metrics.py at import, in every process they spawn."""
     from torch_utils import misc
-    if fix_infinite_sampler() and multiprocessing.current_process().name == 'MainProcess':  # once, not in each worker
-        print(f'rtm-mapping: PyTorch {torch.__version__} has no Sampler.__init__(data_source); '
-              'gave torch_utils.misc.InfiniteSampler one for this run.')
+    compat.apply()
     if not getattr(misc.copy_params_and_buffers, 'rtm_mapping_wrapped', False):
         misc.copy_params_and_buffers = report_resume(misc.copy_params_and_buffers)
+    from training import training_loop
+    if not getattr(training_loop.training_loop, 'rtm_mapping_wrapped', False):
+        training_loop.training_loop = with_map_compile(training_loop.training_loop)
     metrics.register_metrics()
+
+
+def with_map_compile(training_loop_fn):
+    """training_loop() taking `map_compile` (--map-compile, kept in the training args, not in G_kwargs,
+    hence never in a pickle) and applying it in the process that runs it: every RTM built there
+    (G, G_ema, rebuilt copies) captures its recursion with torch.compile (core.set_compile_default)."""
+
+    @functools.wraps(training_loop_fn)    # its signature stays the official one (fix_adam_betas reads its defaults)
+    def training_loop(map_compile=None, **kwargs):
+        core.set_compile_default(map_compile)
+        try:
+            return training_loop_fn(**kwargs)
+        finally:
+            core.set_compile_default(None)
+
+    training_loop.rtm_mapping_wrapped = True
+    return training_loop
 
 #----------------------------------------------------------------------------
 # Options. Defaults come from rtm_mapping.core.DEFAULTS; None means "not given".
@@ -106,6 +104,8 @@ MAPPING_OPTIONS = {
     '--map-tokens':    click.option('--map-tokens', help=f'RTM number of tokens [default: {core.DEFAULTS["tokens"]}]', **_INT),
     '--map-token-dim': click.option('--map-token-dim', help=f'RTM channels per token [default: {core.DEFAULTS["token_dim"]}]', **_INT),
     '--map-depth':     click.option('--map-depth', help='Number of MLP mapping layers with --map=mlp [default: from --cfg]', **_INT),
+    '--map-compile':   click.option('--map-compile', help='Capture the RTM recursion with torch.compile; alone: auto = CUDA graphs on CUDA [default: off]',
+                                    type=click.Choice(list(core.COMPILE_MODES)), is_flag=False, flag_value='auto', default=None, metavar='[MODE]'),
     '--smoke':         click.option('--smoke', help='Smoke test: train this many images, snapshot, stop; on the CPU if there is no GPU [default: off]',
                                     type=click.IntRange(min=1), metavar='IMAGES'),
 }
@@ -216,28 +216,32 @@ def _metrics_given() -> bool:
 
 
 def apply(codebase, desc, args, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None, map_token_dim=None,
-          map_depth=None, smoke=None):
+          map_depth=None, map_compile=None, smoke=None):
     """The rtm-mapping options applied to the training config `args` of a codebase's train.py; returns the run description."""
     fix_adam_betas(args)
     desc = apply_mapping_options(desc, args.G_kwargs, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
                                  map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth, codebase=codebase)
+    if map_compile is not None:
+        if map_kind != 'rtm':
+            raise click.UsageError('--map-compile captures the RTM recursion: it needs --map=rtm.')
+        args.map_compile = map_compile  # read by with_map_compile() in each training process, never part of G_kwargs
     if smoke is not None:
         desc = apply_smoke(desc, args, smoke, metrics_given=_metrics_given())
     return desc
 
 
 def setup_training_loop_kwargs(official, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None,
-                               map_token_dim=None, map_depth=None, smoke=None, **config_kwargs):
+                               map_token_dim=None, map_depth=None, map_compile=None, smoke=None, **config_kwargs):
     """StyleGAN2-ADA's train.py: its setup_training_loop_kwargs(), then the rtm-mapping options on top."""
     desc, args = official(**config_kwargs)
     desc = apply('stylegan2-ada', desc, args, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
-                 map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth, smoke=smoke)
+                 map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth, map_compile=map_compile, smoke=smoke)
     return desc, args
 
 
 def apply_options(c, desc, opts):
     """StyleGAN3's train.py: the rtm-mapping options among its command-line options `opts` applied to the config `c` it built."""
-    ours = {key: opts.get(key) for key in ('map_kind', 'map_h', 'map_l', 'map_block', 'map_tokens', 'map_token_dim', 'map_depth', 'smoke')}
+    ours = {key: opts.get(key) for key in ('map_kind', 'map_h', 'map_l', 'map_block', 'map_tokens', 'map_token_dim', 'map_depth', 'map_compile', 'smoke')}
     return apply('stylegan3', desc, c, **ours)
 
 #----------------------------------------------------------------------------

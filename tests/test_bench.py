@@ -1,8 +1,13 @@
-"""`rtm-mapping bench`: the FLOP count against a hand count, the memory probe, and the command end to end.
-Nothing here asserts a timing: machines are noisy, so the targets are printed, not tested."""
+"""`rtm-mapping bench`: the FLOP count against a hand count, the memory probe, the dispatch counts
+(pinned: they are deterministic), and the command end to end. Nothing here asserts a timing:
+machines are noisy, so the timing targets are printed, not tested."""
 
 import json
+import os
+import subprocess
+import sys
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -98,6 +103,7 @@ def _run_quick(tmp_path, *args):
 
 def test_bench_quick_without_checkout_writes_json(tmp_path, monkeypatch):
     monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.chdir(tmp_path)                 # not a checkout: generator part skipped
     result, data = _run_quick(tmp_path, '--part', 'mapper', '--part', 'memory', '--part', 'generator')
     assert {'meta', 'mapper', 'memory', 'flops', 'targets', 'ratios', 'notes'} <= set(data)
     assert 'generator' not in data and 'skipped' in data['notes'][0]
@@ -116,7 +122,59 @@ def test_bench_quick_without_checkout_writes_json(tmp_path, monkeypatch):
     assert data['memory']['rows'][1]['vs_h1'] == pytest.approx(1.0)
     assert data['memory']['rows'][2]['vs_h1'] > 2
     assert set(data['ratios']) == {t['name'] for t in data['targets']} and len(data['targets']) == 3
-    assert '| RTM H=16 (default) |' in result.output and 'Targets (issue 5)' in result.output
+    assert '| RTM H=16 (default) |' in result.output and 'Targets (issues 5 and 14)' in result.output
+
+
+def test_dispatch_counter_separates_views_and_sees_every_op():
+    x = torch.randn(4, 6)
+    assert bench.count_dispatch(lambda: (x * 2).t().sum()) == dict(ops=3, kernels=2)      # t is a view
+    # Reshaping a transposed tensor copies it (clone, then _unsafe_view of the copy): one more kernel.
+    assert bench.count_dispatch(lambda: (x.t() * 2).reshape(-1)) == dict(ops=4, kernels=2)
+
+
+def rtm_calls(m, z):
+    def no_grad():
+        m.eval()
+        with torch.no_grad():
+            m(z)
+
+    def train():
+        m.train()
+        m(z).square().mean().backward()
+    return no_grad, train
+
+
+def test_rtm_eager_kernel_counts_meet_issue_14_targets():
+    # Issue 14: at most 600 kernel-launching ops per call under no_grad and 750 for train-mode forward + backward
+    # (default RTM, z_dim = w_dim = 512, batch 64, H = 16, L = 1). Before the fused path: 827 and 955.
+    no_grad, train = rtm_calls(RecursiveTokenMapper(512, 512, lr_multiplier=0.01), torch.randn(64, 512))
+    assert bench.count_dispatch(no_grad)['kernels'] <= bench.TARGETS['kernels_no_grad'] == 600
+    assert bench.count_dispatch(train)['kernels'] <= bench.TARGETS['kernels_train'] == 750
+
+
+def test_rtm_kernel_count_grows_with_block_calls_only():
+    # Each extra step adds the same ops (two block calls and three adds); nothing else depends on H.
+    z = torch.randn(8, 64)
+    kernels = {}
+    for steps in (1, 2, 3):
+        no_grad, _ = rtm_calls(RecursiveTokenMapper(64, 64, tokens=2, token_dim=32, steps=steps), z)
+        kernels[steps] = bench.count_dispatch(no_grad)['kernels']
+    assert kernels[3] - kernels[2] == kernels[2] - kernels[1] == 35
+
+
+def test_bench_dispatch_quick_eager_only(tmp_path, monkeypatch):
+    monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.chdir(tmp_path)
+    result, data = _run_quick(tmp_path, '--part', 'dispatch', '--compile-mode', 'none')
+    dispatch = data['dispatch']
+    assert dispatch['steps'] == 2 and dispatch['batch'] == 64
+    assert [r['name'] for r in dispatch['rows']] == ['MLP 2 layers', 'MLP 8 layers', 'RTM H=2 eager']
+    rows = {r['name']: r for r in dispatch['rows']}
+    assert rows['MLP 2 layers']['no_grad']['kernels'] < rows['MLP 8 layers']['no_grad']['kernels'] < rows['RTM H=2 eager']['no_grad']['kernels']
+    assert all(r['batch1_forward_ms'] > 0 for r in rows.values()) and rows['RTM H=2 eager']['batch1_vs_rtm_eager'] == 1
+    kernel_targets = [t for t in data['targets'] if 'kernel-launching' in t['name']]
+    assert len(kernel_targets) == 2 and all(t['met'] is None for t in kernel_targets)   # H=2: not the target's H
+    assert '| RTM H=2 eager |' in result.output
 
 
 def test_bench_cuda_without_gpu_says_what_to_do(tmp_path):
@@ -136,14 +194,88 @@ def test_flops_of_official_and_rtm_mapping_networks(stylegan_root):
     assert bench.mapper_flops(rtm) == RTM_DEFAULT
 
 
+def test_rtm_mapping_network_kernel_counts_meet_issue_14_targets(stylegan_root):
+    # The count of issue 14 is on the MappingNetwork train.py --map=rtm builds (cifar: 8 ws, w_avg tracked).
+    from rtm_mapping import networks
+    m = networks.MappingNetwork(z_dim=512, c_dim=0, w_dim=512, num_ws=8)
+    z = torch.randn(64, 512)
+
+    def no_grad():
+        m.eval()
+        with torch.no_grad():
+            m(z, None)
+
+    def train():
+        m.train()
+        m(z, None).square().mean().backward()
+    assert bench.count_dispatch(no_grad)['kernels'] <= 600
+    assert bench.count_dispatch(train)['kernels'] <= 750
+
+
+def test_bench_without_stylegan_uses_the_checkout_in_the_current_folder(tmp_path, stylegan_root, monkeypatch):
+    monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.chdir(stylegan_root)
+    _, data = _run_quick(tmp_path, '--part', 'memory')
+    assert data['meta']['stylegan'] == stylegan_root and data['notes'] == []
+
+
 def test_bench_quick_with_checkout_measures_generators(tmp_path, stylegan_root):
-    _, data = _run_quick(tmp_path, '--stylegan', stylegan_root, '--part', 'generator', '--config', 'cifar')
+    _, data = _run_quick(tmp_path, '--stylegan', stylegan_root, '--part', 'generator', '--config', 'cifar', '--compile-mode', 'none')
     assert data['meta']['stylegan'] == stylegan_root
     cifar = data['generator']['cifar']
     assert cifar['settings']['shrunk'] and cifar['settings']['num_fp16_res'] == 0
     assert [r['mapper'] for r in cifar['rows']] == ['MLP', 'RTM']
-    assert cifar['rows'][1]['mapper_flops_per_sample'] == RTM_DEFAULT
+    assert cifar['settings']['steps'] == 2                                      # --quick: H = 2
+    assert cifar['rows'][1]['mapper_flops_per_sample'] == 2 * MLP_LAYER + 2 * 2 * BLOCK
     assert all(r['forward_ms_per_image'] > 0 and r['train_step_ms_per_image'] > 0 for r in cifar['rows'])
     overhead = [t for t in data['targets'] if t['name'].startswith('generator forward overhead')]
     assert len(overhead) == 1 and overhead[0]['met'] is None      # shrunk: not at the target's settings
     assert data['flops']['RTM H=16'] == RTM_DEFAULT and data['flops']['MLP 8 layers'] == 8 * MLP_LAYER
+
+#----------------------------------------------------------------------------
+# scripts/gpu_bench.sh: its Python pieces on the CPU, and its refusal without CUDA.
+
+def _write_stats(run_dir, sec_per_kimg):
+    """A stats.jsonl as train.py writes it: one line per tick, tick 0 first."""
+    run_dir.mkdir(parents=True)
+    with open(run_dir / 'stats.jsonl', 'w') as f:
+        for tick, sec in enumerate(sec_per_kimg):
+            f.write(json.dumps({'Progress/tick': {'num': 1, 'mean': tick}, 'Progress/kimg': {'num': 1, 'mean': 4.0 * tick},
+                                'Timing/sec_per_tick': {'num': 1, 'mean': 30.0 if tick == 0 else 4 * sec},
+                                'Timing/sec_per_kimg': {'num': 1, 'mean': sec}}) + '\n')
+    return str(run_dir)
+
+
+def test_gpu_report_joins_bench_and_training_speed(tmp_path, monkeypatch):
+    monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.chdir(tmp_path)
+    _run_quick(tmp_path, '--part', 'dispatch', '--compile-mode', 'none')
+    (tmp_path / 'bench.json').rename(tmp_path / 'bench-dispatch.json')
+    _run_quick(tmp_path, '--part', 'memory')
+    runs = {'mlp': _write_stats(tmp_path / 'mlp', [900.0, 2.0, 2.2, 2.0]),
+            'rtm': _write_stats(tmp_path / 'rtm', [900.0, 2.1, 2.1, 2.3]),
+            'rtm-compile': _write_stats(tmp_path / 'rtmc', [1500.0, 2.04, 2.02, 2.06])}
+    table = bench.write_gpu_report([str(tmp_path / 'bench-dispatch.json'), str(tmp_path / 'bench.json')], runs,
+                                   {'smoke': 60.0, 'bench': 200.0}, [], str(tmp_path / 'gpu.json'), str(tmp_path / 'gpu.md'))
+    report = json.loads((tmp_path / 'gpu.json').read_text())
+    training = report['training']
+    assert training['mlp']['sec_per_kimg'] == 2.0 and training['mlp']['ticks'] == 3       # tick 0 (start-up) left out
+    assert training['rtm']['overhead_vs_mlp'] == pytest.approx(0.05)
+    assert training['rtm-compile']['overhead_vs_mlp'] == pytest.approx(0.02) and training['rtm-compile']['tick0_sec'] == 30.0
+    assert report['total_seconds'] == 260.0 and report['bench']['dispatch']['steps'] == 2 and 'memory' in report['bench']
+    assert '| rtm | 2.100 | +5.00% | 3 |' in table and (tmp_path / 'gpu.md').read_text().strip() == table.strip()
+    assert 'FAILED' not in table
+    _, failed = bench.gpu_report([], dict(runs, **{'rtm-compile': None}), {'train-rtm-compile': 9.0}, ['train-rtm-compile'])
+    assert 'FAILED stages (see their logs): train-rtm-compile.' in failed and '| rtm-compile |' not in failed
+    with pytest.raises(click.ClickException, match='train longer'):
+        bench.training_speed(_write_stats(tmp_path / 'short', [900.0]))
+
+
+def test_gpu_bench_script_stops_at_once_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present: run scripts/gpu_bench.sh itself')
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+    script = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'gpu_bench.sh')
+    out = subprocess.run(['bash', script, str(tmp_path), str(tmp_path / 'work')], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and 'torch sees no CUDA device' in out.stderr, out.stderr
+    assert os.listdir(tmp_path / 'work') == []        # stopped before copying or running anything

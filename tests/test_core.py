@@ -1,24 +1,65 @@
 """The pure-torch RTM core against Algorithm 1 of the paper (App. A). Runs without StyleGAN."""
 
+import copy
+import math
+import pickle
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rtm_mapping import core
 from rtm_mapping.core import RecursiveTokenMapper
 
+# The core fuses what the math allows (residual into addmm / baddbmm, RMSNorm through
+# vector_norm, equalized-lr gains as GEMM scalars, gains applied once per call): the same math
+# in another summation order, so it matches the textbook form below to float32 rounding, not bitwise.
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def textbook_linear(layer: core.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias * layer.bias_gain
+    return F.linear(x, layer.weight * layer.weight_gain, bias)
+
+
+def textbook_swiglu(mlp: core.SwiGLU, x: torch.Tensor) -> torch.Tensor:
+    gate, up = textbook_linear(mlp.gate_up, x).chunk(2, dim=-1)
+    return textbook_linear(mlp.down, F.silu(gate) * up)
+
+
+def textbook_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+
+
+def textbook_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The shared block as the papers write it: transposes, one layer at a time, RMSNorm as mean of squares."""
+    if isinstance(block, core.MixerBlock):
+        t = x.transpose(1, 2)                                                   # token mixing over [batch, token_dim, tokens]
+        x = textbook_rms_norm(t + textbook_swiglu(block.token_mlp, t), block.eps).transpose(1, 2)
+    else:
+        batch, tokens, dim = x.shape
+        q, k, v = textbook_linear(block.qkv, x).reshape(batch, tokens, 3, block.heads, dim // block.heads).permute(2, 0, 3, 1, 4)
+
+        def rope(u):
+            u1, u2 = u.chunk(2, dim=-1)
+            return u * block.rope_cos + torch.cat([-u2, u1], dim=-1) * block.rope_sin
+        a = F.scaled_dot_product_attention(rope(q), rope(k), v).transpose(1, 2).reshape(batch, tokens, dim)
+        x = textbook_rms_norm(x + textbook_linear(block.out, a), block.eps)
+    return textbook_rms_norm(x + textbook_swiglu(block.channel_mlp, x), block.eps)
+
 
 def unrolled_algorithm_1(m: RecursiveTokenMapper, z: torch.Tensor, H: int, L: int) -> torch.Tensor:
     """Algorithm 1, line for line, with the explicit detach of line 9."""
-    z0 = m.lift(core.pixel_norm(z)).reshape(-1, m.tokens, m.token_dim)          # line 1
+    z0 = textbook_linear(m.lift, core.pixel_norm(z)).reshape(-1, m.tokens, m.token_dim)    # line 1
     z_h = m.h_init.expand_as(z0)                                                # line 2
     z_l = m.l_init.expand_as(z0)
     for h in range(1, H + 1):                                                   # line 3
         for _ in range(L):                                                      # line 4
-            z_l = m.block(z_l + (z_h + z0))                                     # line 5
-        z_h = m.block(z_h + z_l)                                                # line 7
+            z_l = textbook_block(m.block, z_l + (z_h + z0))                     # line 5
+        z_h = textbook_block(m.block, z_h + z_l)                                # line 7
         if h < H:                                                               # line 8
             z_h, z_l = z_h.detach(), z_l.detach()                               # line 9
-    return m.readout(z_h.flatten(1))                                            # line 12
+    return textbook_linear(m.readout, z_h.flatten(1))                           # line 12
 
 
 def saved_tensor_bytes(fn) -> int:
@@ -46,7 +87,7 @@ def test_shapes_and_dtype(block):
 def test_equals_hand_unrolled_algorithm_1(block, H, L):
     m = RecursiveTokenMapper(32, 24, tokens=4, token_dim=8, steps=H, inner_steps=L, block=block, heads=2)
     z = torch.randn(6, 32)
-    torch.testing.assert_close(m(z), unrolled_algorithm_1(m, z, H, L), rtol=0, atol=0)
+    torch.testing.assert_close(m(z), unrolled_algorithm_1(m, z, H, L), **TOLERANCE)
 
 
 @pytest.mark.parametrize('block', core.BLOCKS)
@@ -63,7 +104,7 @@ def test_short_gradient_is_last_step_with_earlier_steps_detached(block):
     ours, reference = grads(lambda: m(z)), grads(lambda: unrolled_algorithm_1(m, z, 5, 2))
     assert ours.keys() == reference.keys()
     for name in ours:
-        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(ours[name], reference[name], **TOLERANCE, msg=name)
         assert ours[name].abs().sum() > 0, f'{name} gets no gradient'
 
 
@@ -141,3 +182,54 @@ def test_finite_under_autocast(dtype):
     with torch.autocast('cpu', dtype=dtype):
         w1 = m(z, steps=1)
     torch.testing.assert_close(w1.float(), m(z, steps=1), atol=0.05, rtol=0.05)
+
+
+def test_per_call_overrides_are_validated_like_set_steps():
+    m = RecursiveTokenMapper(8, 8, tokens=2, token_dim=4)
+    z = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r'steps must be a positive integer, got 0'):
+        m(z, steps=0)
+    with pytest.raises(ValueError, match=r'inner_steps must be a positive integer, got -1'):
+        m(z, inner_steps=-1)
+    with pytest.raises(ValueError, match=r'steps must be a positive integer, got 2.0'):
+        m(z, steps=2.0)
+
+
+@pytest.mark.parametrize('name', ['expansion', 'eps', 'lr_multiplier'])
+def test_positive_number_errors_name_the_argument_and_value(name):
+    with pytest.raises(ValueError, match=rf'^{name} must be a positive number, got -0.5$'):
+        RecursiveTokenMapper(8, 8, **{name: -0.5})
+
+
+def test_state_dict_names_and_shapes_unchanged():
+    # Pickles written before the fused eager path (issue 14) must load into this code: same tensors.
+    m = RecursiveTokenMapper(512, 512)
+    shapes = {name: tuple(t.shape) for name, t in m.state_dict().items()}
+    assert shapes == {
+        'lift.weight': (512, 512), 'lift.bias': (512,),
+        'block.token_mlp.gate_up.weight': (22, 4), 'block.token_mlp.down.weight': (4, 11),
+        'block.channel_mlp.gate_up.weight': (682, 128), 'block.channel_mlp.down.weight': (128, 341),
+        'readout.weight': (512, 512), 'readout.bias': (512,),
+        'h_init': (128,), 'l_init': (128,),
+    }
+
+
+def test_compile_setting_is_left_out_of_pickles_and_copies():
+    m = RecursiveTokenMapper(8, 8, tokens=2, token_dim=4).set_compile('default')
+    assert m._compile_mode == 'default' and 'compile' in repr(m)
+    for other in [pickle.loads(pickle.dumps(m)), copy.deepcopy(m)]:
+        assert other._compile_mode is None and '_compile_mode' not in vars(other)
+        torch.testing.assert_close(other.state_dict(), m.state_dict(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='compile mode'):
+        m.set_compile('fast')
+
+
+def test_rms_norms_are_the_mean_square_form():
+    x = torch.randn(5, 3, 7) * 10
+    eps = torch.full([], 1e-5)
+    for dim, normed in [(-1, core.rms_norm(x, eps)), (1, core.token_rms_norm(x, eps, torch.full([1, 3], 1 / 3)))]:
+        expected = x * torch.rsqrt(x.square().mean(dim=dim, keepdim=True) + 1e-5)
+        torch.testing.assert_close(normed, expected, **TOLERANCE)
+    tiny = torch.zeros(2, 4)
+    assert torch.equal(core.rms_norm(tiny, eps), tiny)          # epsilon keeps an all-zero row finite
+    assert math.isclose(core.rms_norm(torch.ones(1, 4), eps).sum().item(), 4 / math.sqrt(1 + 1e-5), rel_tol=1e-6)

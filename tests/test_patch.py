@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from stylegan2_ada_patch import patcher
-from stylegan2_ada_patch.train_hooks import fix_infinite_sampler
+from stylegan2_ada_patch.compat import fix_infinite_sampler
 
 
 @pytest.fixture

@@ -1,0 +1,151 @@
+"""What NVIDIA's StyleGAN2-ADA and StyleGAN3 code needs to run on today's Python stack.
+
+The official code was written for PyTorch 1.7-1.9, SciPy < 1.18, setuptools < 81 and Python < 3.12.
+The patched train.py and calc_metrics.py (and `rtm-mapping cpu`) call `apply()` before NVIDIA's
+modules are imported. Each fix is applied only where the stack needs it, changes only a name inside
+the official module that breaks (no official file is edited, nothing else in the process is
+affected), and is announced once:
+
+    fix                     needed on                               what it does
+    InfiniteSampler         PyTorch >= 2 (Sampler.__init__ lost     torch_utils.misc.InfiniteSampler gets a base class
+                            its data_source argument)               that accepts the argument
+    sqrtm(disp=False)       SciPy >= 1.18 (the argument is gone;    the FID module's `scipy` answers sqrtm(A, disp=False)
+                            the official FID calls it)              as SciPy 1.17 did: the same root and error estimate
+    pkg_resources           setuptools >= 81 (StyleGAN3's           a `pkg_resources` module with parse_version only,
+                            conv2d_gradfix / grid_sample_gradfix)   when there is none
+
+`dnnlib/util.py` imports `distutils`, which Python >= 3.12 no longer has: setuptools provides it, so
+rtm-mapping depends on setuptools there (setup.cfg) and the stock tools (generate.py, ...) work too.
+"""
+
+import importlib
+import multiprocessing
+import sys
+import types
+from typing import List
+
+import torch
+
+#----------------------------------------------------------------------------
+# PyTorch >= 2: Sampler.__init__(data_source).
+
+class _SamplerDataSource(torch.utils.data.Sampler):
+    """Accepts Sampler.__init__(data_source), which PyTorch 2.x removed and StyleGAN2-ADA still calls."""
+
+    def __init__(self, data_source=None):
+        del data_source
+        super().__init__()
+
+
+def fix_infinite_sampler() -> bool:
+    """Make torch_utils.misc.InfiniteSampler construct on PyTorch 2.x; True if it did now.
+    Its `super().__init__(dataset)` then resolves to _SamplerDataSource.__init__ (cooperative MRO)."""
+    from torch_utils import misc
+    try:
+        misc.InfiniteSampler(range(1))
+        return False
+    except TypeError:
+        misc.InfiniteSampler = type('InfiniteSampler', (misc.InfiniteSampler, _SamplerDataSource), {})
+        return True
+
+#----------------------------------------------------------------------------
+# SciPy >= 1.18: sqrtm(A, disp=False).
+
+def _sqrtm_takes_disp(sqrtm) -> bool:
+    import inspect
+    try:
+        return 'disp' in inspect.signature(sqrtm).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+def sqrtm_with_disp(sqrtm):
+    """sqrtm(A, disp=True) of SciPy < 1.18 on top of a sqrtm(A) without `disp`. With disp=False it returns
+    (root, error estimate), the estimate computed as SciPy 1.17 did: ||root @ root - A||_F^2 / ||A||_F."""
+    import numpy as np
+    from scipy.linalg import norm
+
+    def sqrtm_disp(A, disp=True):
+        root = sqrtm(A)
+        if disp:
+            return root
+        try:
+            error = norm(root @ root - A, 'fro') ** 2 / norm(A, 'fro')
+        except ValueError:  # NaNs in the matrix
+            error = np.inf
+        return root, error
+    return sqrtm_disp
+
+
+def fix_fid_sqrtm() -> bool:
+    """Give the official FID module a `scipy` whose linalg.sqrtm accepts disp=, if SciPy's does not; True if it did now."""
+    import scipy.linalg
+    fid = importlib.import_module('metrics.frechet_inception_distance')
+    if _sqrtm_takes_disp(fid.scipy.linalg.sqrtm):       # SciPy < 1.18, or already given.
+        return False
+    linalg = types.SimpleNamespace(**{name: getattr(scipy.linalg, name) for name in dir(scipy.linalg) if not name.startswith('__')})
+    linalg.sqrtm = sqrtm_with_disp(scipy.linalg.sqrtm)
+    fid.scipy = types.SimpleNamespace(linalg=linalg, __version__=scipy.__version__)
+    return True
+
+#----------------------------------------------------------------------------
+# setuptools >= 81: no pkg_resources (StyleGAN3's ops import parse_version from it).
+
+def _official_code_imports(module: str, name: str) -> bool:
+    """Whether the official module's source (found on sys.path, not imported) mentions `name`."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(module)
+    except ImportError:
+        return False
+    if spec is None or not spec.origin or not spec.origin.endswith('.py'):
+        return False
+    with open(spec.origin, encoding='utf-8') as f:
+        return name in f.read()
+
+
+def fix_pkg_resources() -> bool:
+    """Provide `pkg_resources.parse_version` when the official ops import it (StyleGAN3) and setuptools has
+    no pkg_resources; True if it did now. Any other name of that stand-in raises an error saying what it is."""
+    if not _official_code_imports('torch_utils.ops.conv2d_gradfix', 'pkg_resources'):
+        return False
+    try:
+        importlib.import_module('pkg_resources')
+        return False
+    except ImportError:
+        pass
+    try:
+        from packaging.version import parse
+    except ImportError:
+        from torch._vendor.packaging.version import parse
+
+    module = types.ModuleType('pkg_resources', 'rtm-mapping stand-in: parse_version only, for NVIDIA StyleGAN3 ops.')
+    module.parse_version = parse
+
+    def missing(name):
+        raise AttributeError(f'pkg_resources.{name}: this pkg_resources is rtm-mapping\'s stand-in (setuptools >= 81 has none), '
+                             f'which provides parse_version only. Install "setuptools<81" for the real one.')
+    module.__getattr__ = missing
+    sys.modules['pkg_resources'] = module
+    return True
+
+#----------------------------------------------------------------------------
+
+FIXES = [
+    # (fix, what to say when it was needed)
+    (fix_pkg_resources,    'setuptools has no pkg_resources; gave NVIDIA\'s ops a stand-in with parse_version'),
+    (fix_infinite_sampler, f'PyTorch {torch.__version__} has no Sampler.__init__(data_source); gave torch_utils.misc.InfiniteSampler one'),
+    (fix_fid_sqrtm,        'SciPy has no sqrtm(disp=); gave the official FID a sqrtm that takes it (SciPy 1.17\'s results)'),
+]
+
+
+def apply(announce: bool = True) -> List[str]:
+    """Apply every fix the stack needs; the official code must be on sys.path. Idempotent. Returns the
+    messages of the fixes applied now, printed to stderr in the main process only (not in DataLoader or DDP workers)."""
+    messages = [message for fix, message in FIXES if fix()]
+    if announce and multiprocessing.current_process().name == 'MainProcess':
+        for message in messages:
+            print(f'rtm-mapping: {message} for this run.', file=sys.stderr)
+    return messages
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,237 @@
+"""The captured recursion (RecursiveTokenMapper.set_compile, issue 14) on the CPU with inductor:
+outputs and gradients equal eager, recompiles where the eager call would differ, never reaches a
+pickle or a copy, and is faster at batch 1, where a call is bound by dispatch, not arithmetic.
+
+Compiling is slow (tens of seconds per graph on a loaded 2-core machine), so the tests share one
+small mapper configuration and keep the number of compiled graphs small."""
+
+import copy
+import json
+import os
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from rtm_mapping import core
+from rtm_mapping.core import RecursiveTokenMapper
+
+pytestmark = pytest.mark.skipif(not (shutil.which('g++') or shutil.which('clang++')),
+                                reason='torch.compile on the CPU (inductor) needs a C++ compiler: install g++ to run these tests')
+
+SMALL = dict(in_features=16, out_features=12, tokens=2, token_dim=8, steps=3, lr_multiplier=0.01)
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)   # inductor fuses and reorders float32 sums
+
+
+def graphs() -> int:
+    """Graphs torch._dynamo has compiled in this process so far."""
+    return counters['stats']['unique_graphs']
+
+
+def pair():
+    eager = RecursiveTokenMapper(**SMALL)
+    captured = copy.deepcopy(eager).set_compile('default')
+    return eager, captured
+
+
+def loss_and_grads(m, z, target, **kwargs):
+    m.zero_grad(set_to_none=True)
+    w = m(z, **kwargs)
+    (w - target).square().mean().backward()
+    return w.detach(), {name: p.grad.clone() for name, p in m.named_parameters()}
+
+
+def test_train_mode_outputs_and_gradients_equal_eager():
+    eager, captured = pair()
+    z, target = torch.randn(4, 16), torch.randn(4, 12)
+    w_eager, g_eager = loss_and_grads(eager.train(), z, target)
+    w_captured, g_captured = loss_and_grads(captured.train(), z, target)
+    torch.testing.assert_close(w_captured, w_eager, **TOLERANCE)
+    assert g_captured.keys() == g_eager.keys()
+    for name in g_eager:
+        torch.testing.assert_close(g_captured[name], g_eager[name], **TOLERANCE, msg=name)
+        assert g_captured[name].abs().sum() > 0, f'{name} gets no gradient through the captured path'
+
+
+def test_new_batch_size_or_steps_recompile_instead_of_reusing_a_stale_graph():
+    eager, captured = pair()
+    z, target = torch.randn(2, 16), torch.randn(2, 12)    # the path-length batch (batch_gpu // 2) after batch_gpu = 4
+    w_eager, g_eager = loss_and_grads(eager.train(), z, target)
+    w_captured, g_captured = loss_and_grads(captured.train(), z, target)
+    torch.testing.assert_close(w_captured, w_eager, **TOLERANCE)
+    torch.testing.assert_close(g_captured, g_eager, **TOLERANCE)
+    eager.eval(), captured.eval()
+    with torch.no_grad():
+        before = graphs()
+        at_h5 = captured(z, steps=5)
+        torch.testing.assert_close(at_h5, eager(z, steps=5), **TOLERANCE)
+        assert graphs() == before + 1, 'steps=5 must compile a new graph'
+        captured.set_steps(steps=5)
+        torch.testing.assert_close(captured(z), at_h5, rtol=0, atol=0)     # the H=5 graph again, no new compile
+        assert graphs() == before + 1
+        with pytest.raises(AssertionError):   # H=5 and H=3 differ: a stale graph would have passed this
+            torch.testing.assert_close(at_h5, eager(z, steps=3), **TOLERANCE)
+
+
+def test_under_ddp_gradients_equal_eager(tmp_path):
+    eager, captured = pair()
+    z, target = torch.randn(4, 16), torch.randn(4, 12)
+    _, g_eager = loss_and_grads(eager.train(), z, target)
+    torch.distributed.init_process_group('gloo', init_method=f'file://{tmp_path / "init"}', rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(captured.train(), broadcast_buffers=False)
+        for _ in range(2):      # DDP fails on the second iteration if a parameter got no gradient
+            _, g_ddp = loss_and_grads(ddp, z, target)
+    finally:
+        torch.distributed.destroy_process_group()
+    for name in g_eager:
+        torch.testing.assert_close(g_ddp['module.' + name], g_eager[name], **TOLERANCE, msg=name)
+
+
+def test_process_default_reaches_copies_but_not_pickles(monkeypatch):
+    monkeypatch.setattr(core, '_compile_default', None)
+    eager = RecursiveTokenMapper(**SMALL).eval()
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        reference = eager(z)
+        core.set_compile_default('default')
+        ema = copy.deepcopy(eager)              # G_ema = copy.deepcopy(G)
+        before = counters['stats']['calls_captured']
+        torch.testing.assert_close(ema(z), reference, **TOLERANCE)
+        assert counters['stats']['calls_captured'] > before or graphs() > 0, 'the copy did not run the captured path'
+        assert '_compile_mode' not in pickle.loads(pickle.dumps(ema)).__dict__
+    with pytest.raises(ValueError, match='compile mode'):
+        core.set_compile_default('yes')
+
+
+def test_pickle_of_a_captured_mapper_runs_eager_in_a_fresh_process(tmp_path):
+    m = RecursiveTokenMapper(**SMALL).set_compile('default').eval()
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        w = m(z)
+    with open(tmp_path / 'm.pkl', 'wb') as f:
+        pickle.dump(m, f)
+    torch.save(dict(z=z, w=w), tmp_path / 'ref.pt')
+    script = textwrap.dedent('''
+        import pickle, torch
+        from torch._dynamo.utils import counters
+        with open('m.pkl', 'rb') as f:
+            m = pickle.load(f)
+        ref = torch.load('ref.pt')
+        with torch.no_grad():
+            w = m(ref['z'])
+        assert m._compile_mode is None and counters['stats']['unique_graphs'] == 0
+        torch.testing.assert_close(w, ref['w'], rtol=1e-4, atol=1e-5)
+        print('ok')
+    ''')
+    out = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+
+
+def median_call_seconds(fns, repeats=60, warmup=10):
+    """Median seconds per call of each function, calls interleaved so that machine load hits both alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def test_batch_1_captured_call_takes_at_most_half_the_eager_time():
+    # The default width (4 tokens x 128, z_dim 512) at H = 4 rather than 16, to keep the compile short:
+    # at batch 1 each block call costs its dispatch, whatever H is.
+    eager = RecursiveTokenMapper(512, 512, steps=4, lr_multiplier=0.01).eval()
+    captured = copy.deepcopy(eager).set_compile('default')
+    z = torch.randn(1, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(captured(z), eager(z), **TOLERANCE)
+        seconds = median_call_seconds({'eager': lambda: eager(z), 'captured': lambda: captured(z)})
+    ratio = seconds['captured'] / seconds['eager']
+    print(f'batch 1, H=4: eager {seconds["eager"] * 1e3:.3f} ms, captured {seconds["captured"] * 1e3:.3f} ms ({ratio:.2f}x), '
+          f'{os.cpu_count()} CPUs')
+    assert ratio <= 0.5, f'captured call {ratio:.2f}x the eager call at batch 1 (limit 0.5x)'
+
+#----------------------------------------------------------------------------
+# train.py --map-compile: a training argument applied in each training process, never in G_kwargs.
+
+def test_training_loop_wrapper_applies_map_compile_in_its_process(monkeypatch):
+    from stylegan2_ada_patch import train_hooks
+    monkeypatch.setattr(core, '_compile_default', None)
+    seen = {}
+
+    def training_loop(**kwargs):
+        seen.update(kwargs, compile_default=core._compile_default)
+    wrapped = train_hooks.with_map_compile(training_loop)
+    wrapped(map_compile='auto', rank=0, batch_size=4)
+    assert seen == dict(rank=0, batch_size=4, compile_default='auto')
+    assert core._compile_default is None                    # restored when the loop returns
+    wrapped(rank=0)                                         # no --map-compile: eager
+    assert seen['compile_default'] is None
+
+
+def test_train_py_map_compile_is_a_training_option_not_a_network_argument(stylegan_root, tmp_path):
+    from stylegan2_ada_patch import patcher
+    from stylegan2_ada_patch.dataset import write_dataset
+    root = tmp_path / 'stylegan2-ada-pytorch'
+    shutil.copytree(stylegan_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig'))
+    write_dataset(str(root / 'data'), count=8, resolution=32)
+    from click.testing import CliRunner
+    assert CliRunner().invoke(patcher.patch, [str(root)]).exit_code == 0
+
+    def dry_run(*args):
+        return subprocess.run([sys.executable, 'train.py', '--outdir', str(root / 'runs'), '--data', str(root / 'data'), '--dry-run',
+                               '--cfg=cifar', *args], cwd=root, capture_output=True, text=True, timeout=300)
+    out = dry_run('--map=rtm', '--map-compile')
+    assert out.returncode == 0, out.stderr
+    text = out.stdout[out.stdout.index('Training options:') + len('Training options:'):]
+    options = json.loads(text[:text.index('\n}\n') + 2])
+    assert options['map_compile'] == 'auto'
+    assert 'compile' not in json.dumps(options['G_kwargs'])  # G_kwargs go into every pickle
+    out = dry_run('--map=rtm', '--map-compile=default')
+    text = out.stdout[out.stdout.index('Training options:') + len('Training options:'):]
+    assert json.loads(text[:text.index('\n}\n') + 2])['map_compile'] == 'default'
+    out = dry_run('--map-compile')
+    assert out.returncode == 2 and '--map-compile captures the RTM recursion: it needs --map=rtm.' in out.stdout + out.stderr
+
+#----------------------------------------------------------------------------
+# The official loss, as the training loop runs it.
+
+def test_official_loss_phases_with_captured_mapper_equal_eager(stylegan_root):
+    from training import networks as official
+    from training.loss import StyleGAN2Loss
+
+    from rtm_mapping import networks
+    G = networks.Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=8, img_channels=3,
+                           mapping_kwargs=dict(steps=2, tokens=2, token_dim=8),
+                           synthesis_kwargs=dict(channel_base=64, channel_max=8, num_fp16_res=0, conv_clamp=None))
+    D = official.Discriminator(c_dim=0, img_resolution=8, img_channels=3, channel_base=64, channel_max=8,
+                               num_fp16_res=0, conv_clamp=None, epilogue_kwargs=dict(mbstd_group_size=2)).requires_grad_(False)
+    captured = copy.deepcopy(G)
+    captured.mapping.rtm.set_compile('default')
+    grads = {}
+    for arm, g in [('eager', G), ('captured', captured)]:
+        g.train().requires_grad_(True)
+        loss = StyleGAN2Loss(device=torch.device('cpu'), G_mapping=g.mapping, G_synthesis=g.synthesis, D=D, style_mixing_prob=0.9, r1_gamma=1)
+        torch.manual_seed(7)
+        g.zero_grad(set_to_none=True)
+        for phase in ('Gmain', 'Greg'):     # batch 4, then the path-length batch 2; style mixing calls the mapper twice
+            loss.accumulate_gradients(phase=phase, real_img=None, real_c=None, gen_z=torch.randn(4, 16), gen_c=torch.zeros(4, 0), sync=True, gain=1)
+        grads[arm] = {name: p.grad for name, p in g.mapping.named_parameters()}
+    torch.testing.assert_close(grads['captured'], grads['eager'], rtol=1e-4, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads['captured'].values())
+    torch.testing.assert_close(captured.mapping.w_avg, G.mapping.w_avg, **TOLERANCE)
+    G_ema = copy.deepcopy(captured).eval()        # as the loop makes G_ema: runs, eager
+    assert G_ema.mapping.rtm._compile_mode is None and torch.isfinite(G_ema(torch.randn(2, 16), None)).all()
+    assert pickle.loads(pickle.dumps(captured)).mapping.rtm._compile_mode is None

@@ -9,7 +9,7 @@ from rtm_mapping import __version__
 # name: (module, attribute, one-line help)
 COMMANDS = {
     'get-stylegan': ('stylegan2_ada_patch.official', 'get_stylegan', 'Clone NVIDIA\'s StyleGAN code at the commit rtm-mapping is tested against.'),
-    'patch':        ('stylegan2_ada_patch.patcher', 'patch',        'Add --map=rtm to a StyleGAN2-ADA train.py (and --revert/--check).'),
+    'patch':        ('stylegan2_ada_patch.patcher', 'patch',        'Add --map=rtm to a StyleGAN2-ADA or StyleGAN3 train.py (and --revert/--check).'),
     'make-dataset': ('stylegan2_ada_patch.dataset', 'make_dataset', 'Write a small synthetic image dataset zip, to see a run without downloads.'),
     'cpu':          ('stylegan2_ada_patch.cpu',     'cpu',          'Run an official script (generate.py, ...) on the CPU, for smoke tests.'),
     'train':        ('rtm_mapping.configs',         'train',        'Run the patched train.py with a config from training_configs/.'),
@@ -41,7 +41,7 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup)
 @click.version_option(__version__, prog_name='rtm-mapping')
 def main():
-    """Recursive Token Mapper for StyleGAN2-ADA. Run `rtm-mapping COMMAND --help` for details."""
+    """Recursive Token Mapper for StyleGAN2-ADA and StyleGAN3. Run `rtm-mapping COMMAND --help` for details."""
 
 
 if __name__ == '__main__':

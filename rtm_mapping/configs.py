@@ -86,8 +86,10 @@ def train(config_name, data, outdir, gpus, stylegan, dry_run, print_only, extra)
     """
     config = load_config(config_name)
     root = checkout.find(stylegan)
+    if checkout.codebase(root) != 'stylegan2-ada':
+        raise click.ClickException(f'{root} is not a StyleGAN2-ADA checkout; the configs are the paper\'s StyleGAN2-ADA runs: pass --stylegan PATH.')
     with open(os.path.join(root, 'train.py'), encoding='utf-8') as f:
-        state = patcher.state('train.py', f.read())
+        state = patcher.state('stylegan2-ada', 'train.py', f.read())
     if state != 'patched':
         raise click.ClickException(f'{root}/train.py is not patched ({state}). Run: rtm-mapping patch {root}')
     data, outdir = (os.path.abspath(os.path.expanduser(p)) for p in (data, outdir))  # train.py runs in the checkout

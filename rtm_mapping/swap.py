@@ -1,12 +1,14 @@
-"""`rtm-mapping swap`, `info` and `set-h`: give a pretrained StyleGAN2-ADA pickle an RTM mapper, describe
-a pickle, and store another inference H in one.
+"""`rtm-mapping swap`, `info` and `set-h`: give a pretrained StyleGAN2-ADA or StyleGAN3 pickle an RTM mapper,
+describe a pickle, and store another inference H in one.
 
-`swap` builds an rtm_mapping.networks.Generator from the old generator's init_kwargs (so the pickle
-records the RTM class and legacy.load_network_pkl(force_fp16=True) rebuilds it), copies the synthesis
-network, w_avg and the label embedding bit for bit, and distils the RTM onto the old mapper of G_ema
-(rtm_mapping/distill.py). G gets the same RTM (its own synthesis network, w_avg and embedding). D, the
-augment pipe and the training-set record are written unchanged. The output pickle embeds core.py and
-networks.py (torch_utils.persistence), so the official tools load it without rtm-mapping.
+`swap` builds the RTM generator of the old generator's family (rtm_mapping.networks.Generator for
+StyleGAN2-ADA, networks_stylegan2/networks_stylegan3.Generator for StyleGAN3's --cfg=stylegan2 and
+stylegan3-t/r) from the old generator's init_kwargs (so the pickle records the RTM class and
+legacy.load_network_pkl(force_fp16=True) rebuilds it), copies the synthesis network, w_avg and the
+label embedding bit for bit, and distils the RTM onto the old mapper of G_ema (rtm_mapping/distill.py).
+G gets the same RTM (its own synthesis network, w_avg and embedding). D, the augment pipe and the
+training-set record are written unchanged. The output pickle embeds core.py and the adapter
+(torch_utils.persistence), so the official tools load it without rtm-mapping.
 """
 
 import copy
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from rtm_mapping import core, distill
-from stylegan2_ada_patch import checkout
+from stylegan2_ada_patch import checkout, train_hooks
 
 NETWORKS = ('G', 'D', 'G_ema')
 
@@ -33,28 +35,36 @@ def load_pickle(path: str) -> Dict:
     import legacy
     if not os.path.isfile(path):
         raise click.ClickException(f'{path} is not a file; pass a network pickle (network-snapshot-*.pkl).')
+    loaded = checkout.loaded()
     try:
         with open(path, 'rb') as f:
             data = legacy.load_network_pkl(f)
-    except ModuleNotFoundError as err:
-        if 'filtered_lrelu' in str(err) or 'networks_stylegan3' in str(err):
-            raise click.ClickException(f'{path} is a StyleGAN3 pickle; rtm-mapping supports StyleGAN2-ADA pickles only.') from err
-        raise click.ClickException(f'{path} needs a module the StyleGAN2-ADA checkout lacks ({err}); pass a StyleGAN2-ADA pickle, '
-                                   f'and point --stylegan (or STYLEGAN2_ADA_ROOT) at the checkout that wrote it.') from err
+    except ImportError as err:   # a module, or a name in one, that the other codebase has
+        if 'filtered_lrelu' in str(err) or 'networks_stylegan' in str(err):
+            raise click.ClickException(wrong_checkout(path, 'stylegan3')) from err
+        raise click.ClickException(f'{path} needs a module the {checkout.CODEBASES[loaded].name} checkout lacks ({err}); pass a '
+                                   f'StyleGAN2-ADA or StyleGAN3 pickle, and point --stylegan at the checkout that wrote it.') from err
     except KeyError as err:
         if err.args and err.args[0] in NETWORKS:
             raise click.ClickException(f'{path} has no {err.args[0]}; pass a snapshot written by train.py (a dict with G, D and G_ema).') from err
-        raise click.ClickException(f'{path} is not a StyleGAN2-ADA network pickle (KeyError: {err}); '
+        raise click.ClickException(f'{path} is not a StyleGAN network pickle (KeyError: {err}); '
                                    f'pass a snapshot written by train.py (a dict with G, D and G_ema).') from err
     except (AssertionError, TypeError, pickle.UnpicklingError) as err:
-        raise click.ClickException(f'{path} is not a StyleGAN2-ADA network pickle ({type(err).__name__}: {err}); '
+        raise click.ClickException(f'{path} is not a StyleGAN network pickle ({type(err).__name__}: {err}); '
                                    f'pass a snapshot written by train.py (a dict with G, D and G_ema).') from err
     if not isinstance(data, dict) or not isinstance(data.get('G_ema'), torch.nn.Module):
         raise click.ClickException(f'{path} has no G_ema; pass a snapshot written by train.py (a dict with G, D and G_ema).')
-    for name in NETWORKS:
-        if is_stylegan3(data.get(name)):
-            raise click.ClickException(f'{path} is a StyleGAN3 pickle; rtm-mapping supports StyleGAN2-ADA pickles only.')
+    written_by = 'stylegan3' if any(is_stylegan3(data.get(name)) for name in NETWORKS) else 'stylegan2-ada'
+    if written_by != loaded:
+        raise click.ClickException(wrong_checkout(path, written_by))
     return data
+
+
+def wrong_checkout(path: str, written_by: str) -> str:
+    """What to tell a user who loads a pickle of one codebase with the other's checkout."""
+    codebase = checkout.CODEBASES[written_by]
+    return (f'{path} is a {codebase.name} pickle; point --stylegan (or ${codebase.env_var}) at a {codebase.name} checkout '
+            f'({codebase.repo}): its networks need that code.')
 
 
 def is_stylegan3(net) -> bool:
@@ -62,6 +72,16 @@ def is_stylegan3(net) -> bool:
     where StyleGAN2-ADA's take skip_w_avg_update."""
     src = getattr(net, '_orig_module_src', '') or ''
     return 'update_emas' in src
+
+
+def official_generator(G) -> str:
+    """The official generator class of a stock generator, a key of train_hooks.RTM_GENERATORS. A StyleGAN3
+    synthesis network with an `input` layer is networks_stylegan3's, as gen_images.py tells them apart."""
+    if not is_stylegan3(G):
+        return 'training.networks.Generator'
+    if hasattr(getattr(G, 'synthesis', None), 'input'):
+        return 'training.networks_stylegan3.Generator'
+    return 'training.networks_stylegan2.Generator'
 
 
 def mapper_kind(G) -> str:
@@ -80,7 +100,7 @@ def check_mlp_mappers(data: Dict, path: str) -> None:
             raise click.ClickException(f'{path} already has an RTM mapper; use `rtm-mapping set-h` to change its H, '
                                        f'or pass a pickle with the MLP mapper.')
         if name in data and mapper_kind(data[name]) != 'mlp':
-            raise click.ClickException(f'{name} in {path} has no mapping network; pass a StyleGAN2-ADA generator pickle.')
+            raise click.ClickException(f'{name} in {path} has no mapping network; pass a StyleGAN2-ADA or StyleGAN3 generator pickle.')
 
 
 def check_output_path(out: str, inputs) -> None:
@@ -92,38 +112,32 @@ def check_output_path(out: str, inputs) -> None:
 #----------------------------------------------------------------------------
 # Building the RTM generator.
 
-def rtm_options(steps: int) -> Dict:
-    """The RTM's mapping_kwargs: H = steps, the rest core.DEFAULTS (as train.py --map=rtm writes them)."""
-    return dict(steps=steps, inner_steps=core.DEFAULTS['inner_steps'], block=core.DEFAULTS['block'],
-                tokens=core.DEFAULTS['tokens'], token_dim=core.DEFAULTS['token_dim'])
-
-
 def rtm_generator_kwargs(G_old, steps: int) -> Dict:
     """init_kwargs of the RTM Generator: the old ones, the MLP depth replaced by the RTM's options."""
     kwargs = copy.deepcopy(dict(G_old.init_kwargs))
     mapping_kwargs = dict(kwargs.get('mapping_kwargs') or {})
     mapping_kwargs.pop('num_layers', None)
-    mapping_kwargs.update(rtm_options(steps))
+    mapping_kwargs.update(train_hooks.rtm_kwargs(steps=steps))   # H = steps, the rest core.DEFAULTS, as train.py --map=rtm writes them
     kwargs['mapping_kwargs'] = mapping_kwargs
     return kwargs
 
 
 def build_rtm_generator(G_old, steps: int, seed: int = 0):
-    """A new rtm_mapping.networks.Generator with every tensor of G_old but the MLP layers copied;
-    the RTM is initialised from `seed` (the global RNG is left as it was)."""
+    """A new RTM generator of G_old's family (train_hooks.RTM_GENERATORS) with every tensor of G_old but the
+    MLP layers copied; the RTM is initialised from `seed` (the global RNG is left as it was)."""
+    import dnnlib
     from torch_utils import misc
-
-    from rtm_mapping import networks
+    class_name = train_hooks.RTM_GENERATORS[official_generator(G_old)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        G = networks.Generator(**rtm_generator_kwargs(G_old, steps)).eval().requires_grad_(False)
+        G = dnnlib.util.construct_class_by_name(class_name=class_name, **rtm_generator_kwargs(G_old, steps)).eval().requires_grad_(False)
     old = {name for name, _ in misc.named_params_and_buffers(G_old)}
     new = {name for name, _ in misc.named_params_and_buffers(G)}
     skipped = sorted(n for n in old - new if not n.startswith('mapping.fc'))
     if skipped:
         raise click.ClickException(f'the generator has tensors that the RTM generator lacks ({", ".join(skipped[:4])}), '
-                                   f'which a swap would lose; swap supports stock StyleGAN2-ADA generators '
-                                   f'(training.networks.Generator) only: pass a pickle that train.py wrote with the stock networks.')
+                                   f'which a swap would lose; swap supports the stock generators ({", ".join(train_hooks.RTM_GENERATORS)}) '
+                                   f'only: pass a pickle that train.py wrote with the stock networks.')
     with torch.no_grad():
         misc.copy_params_and_buffers(G_old, G, require_all=False)
     return G
@@ -209,7 +223,7 @@ def _default_grid(out: str) -> str:
 
 @click.command()
 @click.option('network_pkl', '--network', type=click.Path(exists=True, dir_okay=False), required=True, metavar='PKL',
-              help='Pretrained StyleGAN2-ADA pickle (MLP mapper).')
+              help='Pretrained StyleGAN2-ADA or StyleGAN3 pickle (MLP mapper).')
 @click.option('--out', type=click.Path(dir_okay=False), required=True, metavar='PKL', help='Output pickle (never the input).')
 @click.option('--map-h', type=click.IntRange(min=1), default=core.DEFAULTS['steps'], show_default=True, metavar='INT',
               help='RTM refinement steps H stored in the pickle (set-h changes it later).')

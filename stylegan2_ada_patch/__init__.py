@@ -1,2 +1,3 @@
-"""The StyleGAN2-ADA side of rtm-mapping: the train.py patch (patcher), what the patched train.py
-calls (train_hooks), CPU smoke-test shims (cpu), a synthetic dataset (dataset) and checkout lookup."""
+"""The official-code side of rtm-mapping, for StyleGAN2-ADA and StyleGAN3 checkouts (the package name is
+historical): the train.py patch (patcher, one table of edits per codebase), what the patched train.py
+calls (train_hooks), CPU smoke-test shims (cpu), a synthetic dataset (dataset) and checkout lookup (checkout)."""

@@ -8,6 +8,8 @@
 What differs between the two codebases is data (CODEBASE_OPTIONS, RTM_GENERATORS); both go through apply().
 """
 
+import functools
+import inspect
 import os
 import sys
 
@@ -72,6 +74,7 @@ def with_map_compile(training_loop_fn):
     hence never in a pickle) and applying it in the process that runs it: every RTM built there
     (G, G_ema, rebuilt copies) captures its recursion with torch.compile (core.set_compile_default)."""
 
+    @functools.wraps(training_loop_fn)    # its signature stays the official one (fix_adam_betas reads its defaults)
     def training_loop(map_compile=None, **kwargs):
         core.set_compile_default(map_compile)
         try:
@@ -183,12 +186,17 @@ def apply_smoke(desc, args, images, metrics_given):
 
 
 def fix_adam_betas(args) -> bool:
-    """Make the optimizers' betas floats where this PyTorch refuses Adam(betas=[0, 0.99]) (an int and a float),
-    as StyleGAN3's train.py writes them; returns True if a fix was needed."""
+    """Make an optimizer's betas floats where the loop passes them to Adam as written and this PyTorch refuses
+    them, as it does StyleGAN3's betas=[0, 0.99] (an int and a float) for G of stylegan3-t/r. With lazy
+    regularization the loop makes them floats itself. Returns True if a fix was needed."""
+    from training import training_loop
+    defaults = inspect.signature(training_loop.training_loop).parameters
     fixed = False
-    for opt_kwargs in (args.G_opt_kwargs, args.D_opt_kwargs):
+    for net in ('G', 'D'):
+        opt_kwargs = args[f'{net}_opt_kwargs']
         betas = opt_kwargs.get('betas')
-        if opt_kwargs.get('class_name') != 'torch.optim.Adam' or betas is None or all(isinstance(beta, float) for beta in betas):
+        reg_interval = args.get(f'{net}_reg_interval', defaults[f'{net}_reg_interval'].default)
+        if reg_interval is not None or opt_kwargs.get('class_name') != 'torch.optim.Adam' or betas is None:
             continue
         try:
             torch.optim.Adam([torch.zeros([1], requires_grad=True)], betas=betas)
@@ -196,7 +204,8 @@ def fix_adam_betas(args) -> bool:
             opt_kwargs.betas = [float(beta) for beta in betas]
             fixed = True
     if fixed:
-        print(f'rtm-mapping: PyTorch {torch.__version__} refuses Adam betas that mix int and float; made them floats for this run.')
+        print(f'rtm-mapping: PyTorch {torch.__version__} refuses Adam betas that mix int and float, as train.py writes them; '
+              'made them floats for this run.')
     return fixed
 
 

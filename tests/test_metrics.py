@@ -220,7 +220,7 @@ def test_registered_metrics_run_by_name(official_metrics, tmp_path, write_images
         ReplayGenerator.produced = 0
         result = official_metrics.calc_metric(name, G=ReplayGenerator(images), device=torch.device('cpu'),
                                               dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(data)))
-        assert [url for url, _ in metric_utils._feature_detector_cache] == [detectors.DETECTORS[metric.detector]], name
+        assert [url for url, _ in metric_utils._feature_detector_cache] == [detectors.DETECTORS['stylegan2-ada'][metric.detector]], name
         values = {key[len(name) + 1:]: value for key, value in result.results.items()}
         assert values.keys() == {'precision', 'recall', 'density', 'coverage'}, name
         assert values['precision'] == values['recall'] == values['coverage'] == 1.0 and values['density'] > 0, name

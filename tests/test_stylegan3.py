@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import shlex
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,14 @@ def options(output):
     return json.loads(text[:text.index('\n}\n') + 2]), output.split('Output directory:')[1].split('\n')[0].strip()
 
 
+def adam_refuses_mixed_betas():
+    try:
+        torch.optim.Adam([torch.zeros([1], requires_grad=True)], betas=[0, 0.99])
+        return False
+    except ValueError:
+        return True
+
+
 @pytest.fixture
 def patched(sg3_checkout):
     from stylegan2_ada_patch.dataset import write_dataset
@@ -268,10 +277,13 @@ def test_dry_runs_of_the_patched_train_py(patched):
     assert args['G_kwargs']['mapping_kwargs'] == dict(steps=8, inner_steps=2, block='mixer', tokens=4, token_dim=128)
     assert run_dir.endswith('-stylegan3-r-data-gpus1-batch4-gamma1-rtmH8L2')
     assert args['D_kwargs']['class_name'] == 'training.networks_stylegan2.Discriminator'
+    assert all(isinstance(beta, float) for beta in args['G_opt_kwargs']['betas'])   # the loop passes them to Adam as written
+    assert ('made them floats' in out.stdout) == adam_refuses_mixed_betas()
 
     out = train(root, '--cfg=stylegan2', '--map=rtm', '--map-block=attention', '--dry-run')
     args, run_dir = options(out.stdout)
     assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks_stylegan2.Generator' and run_dir.endswith('-rtmH16L1-attention')
+    assert 'made them floats' not in out.stdout     # lazy regularization: the loop makes them floats itself
 
     out = train(root, '--cfg=stylegan2', '--map-depth=3', '--dry-run')   # StyleGAN3's own option, its own meaning
     args, run_dir = options(out.stdout)
@@ -281,6 +293,15 @@ def test_dry_runs_of_the_patched_train_py(patched):
     assert out.returncode == 2 and '--map-depth sets the depth of the MLP mapper' in out.stdout + out.stderr
     help_text = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, env=shim_env(), capture_output=True, text=True).stdout
     assert help_text.count('--map-depth') == 1 and '--map-h' in help_text and '--smoke' in help_text
+
+    # The README's StyleGAN3 smoke command (dry run: what it would train).
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md'), encoding='utf-8').read()
+    command, = [line for line in readme.replace('\\\n', ' ').splitlines() if 'train.py' in line and '--smoke' in line and 'stylegan3-t' in line]
+    out = subprocess.run([sys.executable, *shlex.split(command)[1:], '--dry-run'], cwd=root, env=shim_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    args, run_dir = options(out.stdout)
+    smoke = 'smoke' if torch.cuda.is_available() else 'cpusmoke'
+    assert run_dir.endswith(f'-stylegan3-t-data-gpus1-batch4-gamma1-rtmH4L1-{smoke}') and args['total_kimg'] == 0.008
 
 #----------------------------------------------------------------------------
 # As a new user would: patch, a CPU smoke run of each family, the stock gen_images.py without
@@ -316,9 +337,9 @@ def test_smoke_run_and_stock_gen_images(sg3_checkout, tmp_path, cfg, extra):
 
     out = train(sg3_checkout, f'--cfg={cfg}', '--cbase=1024', '--cmax=64', '--map=rtm', '--map-h=4', '--smoke=8', '--workers=1', *extra, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert 'rtm-mapping: smoke mode: 8 images on the CPU' in out.stdout
+    assert 'rtm-mapping: smoke mode: 8 images on the' in out.stdout
     run_dir, = (sg3_checkout / 'runs').iterdir()
-    assert run_dir.name.endswith(f'-{cfg}-data-gpus1-batch4-gamma1-rtmH4L1-cpusmoke')
+    assert run_dir.name.endswith(f'-{cfg}-data-gpus1-batch4-gamma1-rtmH4L1-' + ('smoke' if torch.cuda.is_available() else 'cpusmoke'))
     snapshot, = run_dir.glob('network-snapshot-*.pkl')
     family = 'stylegan2' if cfg == 'stylegan2' else 'stylegan3'
     assert json.loads((run_dir / 'training_options.json').read_text())['G_kwargs']['class_name'] == f'{FAMILIES[family][0]}.Generator'
@@ -332,3 +353,115 @@ def test_smoke_run_and_stock_gen_images(sg3_checkout, tmp_path, cfg, extra):
 
     rtm_mapping('patch', '--revert', sg3_checkout)
     assert {name: (sg3_checkout / name).read_bytes() for name in originals} == originals
+
+#----------------------------------------------------------------------------
+# Metrics and sweep-h on a StyleGAN3-codebase RTM pickle (stand-in detectors, tiny sizes).
+
+def test_prdc_through_calc_metrics_and_sweep_h(sg3_checkout, tmp_path, monkeypatch):
+    from metrics import metric_utils
+
+    from rtm_mapping import detectors
+    from rtm_mapping.sweep import sweep_h
+    from stylegan2_ada_patch.dataset import write_dataset
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'dnnlib'))
+    monkeypatch.setattr(metric_utils, '_feature_detector_cache', dict())
+    for name in detectors.NAMES:   # StyleGAN3's metrics unpickle their detectors: .pkl stand-ins
+        detectors.install(name, detectors.standin(name, str(tmp_path / f'{name}.pkl'), num_features=16))
+    data = write_dataset(str(tmp_path / 'data.zip'), count=12, resolution=16)
+    G = build('stylegan2').eval()
+    snapshot_pkl = tmp_path / 'snapshot.pkl'
+    with open(snapshot_pkl, 'wb') as f:
+        pickle.dump(dict(snapshot(G, build_d()), training_set_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data,
+                                                                          use_labels=False, max_size=None, xflip=False, resolution=16)), f)
+
+    rtm_mapping('patch', sg3_checkout)
+    env = dict(shim_env(), DNNLIB_CACHE_DIR=str(tmp_path / 'dnnlib'))
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', 'cpu', 'calc_metrics.py', f'--network={snapshot_pkl}', '--metrics=prdc_full'],
+                         cwd=sg3_checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"results"')))['results']
+    assert set(result) == {f'prdc_full_{key}' for key in ('precision', 'recall', 'density', 'coverage')}
+    assert all(0 <= value <= 1 for key, value in result.items() if not key.endswith('density'))
+
+    table = tmp_path / 'sweep.json'
+    result = CliRunner().invoke(sweep_h, ['--network', str(snapshot_pkl), '--metrics', 'prdc_vgg_full', '--h', '2,3', '--stylegan', str(sg3_checkout),
+                                          '--device', 'cpu', '--verbose', 'false', '--out-json', str(table), '--out-md', str(tmp_path / 'sweep.md')])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(table.read_text())['rows']
+    assert [(row['h'], row['native']) for row in rows] == [(2, False), (3, True)] and G.mapping.rtm.steps == 3
+    assert list(rows[0]['results']) == [f'prdc_vgg_full_{key}' for key in ('precision', 'recall', 'density', 'coverage')]
+    assert metric_utils.torch is torch   # the sweep's CPU substitution ended with it
+
+#----------------------------------------------------------------------------
+# swap, info and set-h on stock StyleGAN3-codebase pickles.
+
+def stock_snapshot(family, c_dim):
+    """A pickle as training_loop.py writes it, with the official networks of a family (MLP mapper, random weights)."""
+    torch.manual_seed(1000 + c_dim)
+    G = build(family, c_dim=c_dim, official=True)
+    G_ema = copy.deepcopy(G)
+    with torch.no_grad():
+        G_ema.mapping.w_avg.normal_()
+    return dict(G=G.eval().requires_grad_(False), D=build_d(c_dim).eval().requires_grad_(False), G_ema=G_ema.eval().requires_grad_(False),
+                augment_pipe=None, training_set_kwargs=None)
+
+
+def load(path, force_fp16=False):
+    import legacy
+    with open(path, 'rb') as f:
+        return legacy.load_network_pkl(f, force_fp16=force_fp16)
+
+
+@pytest.mark.parametrize('family, c_dim', [('stylegan3', 0), ('stylegan2', 4)])
+def test_swap_info_and_set_h_on_a_stock_pickle(stylegan3_root, tmp_path, family, c_dim):
+    from torch_utils import misc
+
+    from rtm_mapping.swap import info, set_h, swap
+    stock = stock_snapshot(family, c_dim)
+    src, dst = str(tmp_path / 'stock.pkl'), str(tmp_path / 'rtm.pkl')
+    with open(src, 'wb') as f:
+        pickle.dump(stock, f)
+    result = CliRunner().invoke(swap, ['--network', src, '--out', dst, '--distill-kimg', '0.1', '--map-h', '2', '--eval-seeds', '4',
+                                       '--stylegan', stylegan3_root])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    new = load(dst)
+    for name in ('G', 'G_ema'):
+        assert type(new[name]) is modules(family)[0].Generator, name    # the RTM generator of the family
+        assert new[name].init_kwargs.mapping_kwargs == dict(steps=2, inner_steps=1, block='mixer', tokens=4, token_dim=128)
+        old = dict(misc.named_params_and_buffers(stock[name]))
+        for key, tensor in misc.named_params_and_buffers(new[name]):
+            if not key.startswith('mapping.rtm.'):
+                assert torch.equal(tensor, old[key]), (name, key)    # synthesis, w_avg, label embedding: bit for bit
+    assert type(new['D']).__name__ == 'Discriminator'
+
+    facts = json.loads(CliRunner().invoke(info, [dst, '--json', '--stylegan', stylegan3_root]).output)
+    assert facts['G_ema']['mapper'] == 'rtm' and facts['G_ema']['H'] == 2 and facts['G_ema']['w_avg_finite']
+    assert CliRunner().invoke(info, [src, '--stylegan', stylegan3_root]).output.count(f'mapper mlp ({stock["G"].mapping.num_layers} layers') == 2
+
+    again = str(tmp_path / 'rtm-h3.pkl')
+    result = CliRunner().invoke(set_h, [dst, '--h', '3', '--out', again, '--stylegan', stylegan3_root])
+    assert result.exit_code == 0, result.output
+    assert load(again)['G_ema'].mapping.rtm.steps == 3 and load(again, force_fp16=True)['G_ema'].mapping.rtm.steps == 3
+
+    out = run_stock('''
+        import sys, torch, legacy
+        with open('rtm.pkl', 'rb') as f:
+            G = legacy.load_network_pkl(f)['G_ema']
+        img = G(torch.randn([2, G.z_dim]), torch.eye(max(G.c_dim, 1))[:2, :G.c_dim], truncation_psi=0.7, noise_mode='const')
+        assert torch.isfinite(img).all() and not [m for m in sys.modules if m.startswith('rtm_mapping')]
+        print('ok', type(G.mapping).__name__, G.mapping.rtm.steps)
+    ''', tmp_path, stylegan3_root)
+    assert out.strip() == 'ok MappingNetwork 2'
+
+
+def test_tools_ask_for_the_checkout_that_wrote_the_pickle(stylegan3_root, tmp_path):
+    """A StyleGAN3 pickle given to the tools with a StyleGAN2-ADA checkout: refused, saying which checkout to use."""
+    other = os.environ.get('STYLEGAN2_ADA_ROOT')
+    if not other:
+        pytest.skip('needs STYLEGAN2_ADA_ROOT too')
+    with open(tmp_path / 'stock.pkl', 'wb') as f:
+        pickle.dump(stock_snapshot('stylegan3', 0), f)
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', 'info', str(tmp_path / 'stock.pkl'), '--stylegan', other],
+                         env=shim_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and 'is a StyleGAN3 pickle; point --stylegan (or $STYLEGAN3_ROOT) at a StyleGAN3 checkout' in out.stderr, out.stderr

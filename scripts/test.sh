@@ -15,6 +15,7 @@ repo=$(pwd)
 shared=$(cd .. && pwd)/shared/official
 if [ -z "${STYLEGAN2_ADA_ROOT:-}" ] && [ -d "$shared/stylegan2-ada-pytorch" ]; then export STYLEGAN2_ADA_ROOT="$shared/stylegan2-ada-pytorch"; fi
 if [ -z "${STYLEGAN3_ROOT:-}" ] && [ -d "$shared/stylegan3" ]; then export STYLEGAN3_ROOT="$shared/stylegan3"; fi
+export PYTHONDONTWRITEBYTECODE=1    # the tests import NVIDIA's checkouts in place: leave no __pycache__ in them
 echo "StyleGAN2-ADA: ${STYLEGAN2_ADA_ROOT:-none (those tests skip)}; StyleGAN3: ${STYLEGAN3_ROOT:-none (those tests skip)}"
 
 interpreter() {  # interpreter VERSION [override]: an executable Python of that minor version

@@ -256,8 +256,7 @@ class Stacked:
 
 def train_group(dataset_name: str, mapper_name: str, seeds: Sequence[int], cfg: dict) -> List[dict]:
     """Train one GAN per seed and measure each. Runs on one CPU thread (restored afterwards, as is the
-    global RNG), so the
-    figures do not depend on the machine's core count or on the number of parallel workers.
+    global RNG), so the figures do not depend on the machine's core count or on the number of workers.
 
     The loss is StyleGAN2's: non-saturating logistic for G, logistic for D with R1 on real samples
     (gamma / 2 * |grad D(x)|^2, on every D step). Each step draws, per seed, one real batch and one
@@ -322,7 +321,7 @@ def _train_group(dataset: ModeDataset, mapper_name: str, seeds: List[int], cfg: 
             mapper        = mapper_name,
             seed          = seed,
             figures       = evaluate(samples[i], references[i], dataset, cfg),
-            mapper_weight_change = float((change / size).sqrt().detach()),
+            mapper_weight_change = float((change / size).sqrt().detach()),    # |theta - theta_0| / |theta_0| of the mapper's weights
             plot          = samples[i, :cfg['plot_samples']].tolist() if dataset.dim == 2 else None,
         ))
     for run in runs:

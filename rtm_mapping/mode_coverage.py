@@ -576,6 +576,9 @@ def mode_coverage(ctx, out, datasets, mappers, seeds, steps, mapper_lr_multiplie
         if value is not None:
             cfg[key] = value
     cfg['betas'] = list(cfg['betas'])
+    if not hasattr(torch, 'func'):
+        raise click.ClickException(f'mode-coverage runs the seeds through torch.func (torch >= 2.0); this is torch {torch.__version__}: '
+                                   'install a newer torch, e.g. pip install torch==2.13.0.')
     datasets = list(dict.fromkeys(datasets))
     mappers = list(dict.fromkeys(mappers))
     if cfg['seeds'] < 2:

@@ -4,10 +4,10 @@ The paper's Table 3 claims that RTM improves coverage and recall (AFHQ-512 recal
 needs GPUs for days. This is the experiment anyone can rerun in minutes: a generator made of a mapper
 (the official 2- and 8-layer MLP structure, `bench.ReferenceMLP`, and RTM at H = 1, 4, 16) followed by
 the same small MLP decoder, trained as a GAN on distributions with known modes (the 2-D ring of 8 and
-grid of 25 Gaussians of PacGAN, Lin et al. 2018, with twice their relative sigma; and 100 modes on corners
-of a 10-D hypercube embedded in 64-D). Every mapper gets the same decoder and discriminator
-initialisation, the same real batches and latents, the same optimizer and the same number of steps for
-a seed; only the mapper differs.
+grid of 25 Gaussians of the mode-collapse literature, e.g. PacGAN, Lin et al. 2018, here with wider
+modes; and 100 modes on corners of a 10-D hypercube embedded in 64-D). Every mapper gets the same
+decoder and discriminator initialisation, the same real batches and latents, the same optimizer and the
+same number of steps for a seed; only the mapper differs.
 
 Measured per run: modes covered, share of high-quality samples, KL divergence of the mode histogram from
 uniform (definitions in `mode_statistics`), and `metrics.prdc` against samples of the true distribution.
@@ -67,8 +67,8 @@ RUNS = {
         betas           = (0.0, 0.99),  # Adam betas (StyleGAN2).
         mapper_lr_multiplier = 0.01,    # Equalized-lr multiplier of every mapper layer, MLP and RTM alike (StyleGAN2's 0.01).
         r1_gamma        = 0.0001,     # R1 weight, gamma / 2 * |grad D(real)|^2 on every discriminator step.
-        samples_per_mode = 100,     # Evaluation samples: 100 per mode (2,500 for the grid, as PacGAN).
-        min_count       = 20,       # A mode is covered with at least this many high-quality samples (PacGAN: 20 of 2,500).
+        samples_per_mode = 100,     # Evaluation samples: 100 per mode (2,500 for the grid).
+        min_count       = 20,       # A mode is covered with at least this many high-quality samples (20% of a uniform share).
         prdc_samples    = 2500,     # Generated and true samples for PRDC.
         prdc_k          = 5,        # PRDC neighbourhood (Table 3: 5).
         plot_samples    = 1000,     # Samples drawn in each scatter panel.
@@ -149,7 +149,8 @@ DATASETS = {
 # Metrics on samples of a known mixture.
 
 def mode_statistics(samples: torch.Tensor, dataset: ModeDataset, min_count: int) -> Dict[str, float]:
-    """Mode figures of generated samples (PacGAN's, with the radius generalised to D dimensions).
+    """Mode figures of generated samples, as the GAN mode-collapse literature counts them (e.g. PacGAN), with the
+    3-sigma radius generalised to D dimensions.
 
     Each sample is assigned to its nearest mode. It is high-quality if it lies within `dataset.radius`
     of that mode (3 sigma in 2-D). A mode is covered if at least `min_count` high-quality samples are
@@ -256,8 +257,7 @@ class Stacked:
 
 def train_group(dataset_name: str, mapper_name: str, seeds: Sequence[int], cfg: dict) -> List[dict]:
     """Train one GAN per seed and measure each. Runs on one CPU thread (restored afterwards, as is the
-    global RNG), so the
-    figures do not depend on the machine's core count or on the number of parallel workers.
+    global RNG), so the figures do not depend on the machine's core count or on the number of workers.
 
     The loss is StyleGAN2's: non-saturating logistic for G, logistic for D with R1 on real samples
     (gamma / 2 * |grad D(x)|^2, on every D step). Each step draws, per seed, one real batch and one
@@ -322,7 +322,7 @@ def _train_group(dataset: ModeDataset, mapper_name: str, seeds: List[int], cfg: 
             mapper        = mapper_name,
             seed          = seed,
             figures       = evaluate(samples[i], references[i], dataset, cfg),
-            mapper_weight_change = float((change / size).sqrt().detach()),
+            mapper_weight_change = float((change / size).sqrt().detach()),    # |theta - theta_0| / |theta_0| of the mapper's weights
             plot          = samples[i, :cfg['plot_samples']].tolist() if dataset.dim == 2 else None,
         ))
     for run in runs:
@@ -576,6 +576,9 @@ def mode_coverage(ctx, out, datasets, mappers, seeds, steps, mapper_lr_multiplie
         if value is not None:
             cfg[key] = value
     cfg['betas'] = list(cfg['betas'])
+    if not hasattr(torch, 'func'):
+        raise click.ClickException(f'mode-coverage runs the seeds through torch.func (torch >= 2.0); this is torch {torch.__version__}: '
+                                   'install a newer torch, e.g. pip install torch==2.13.0.')
     datasets = list(dict.fromkeys(datasets))
     mappers = list(dict.fromkeys(mappers))
     if cfg['seeds'] < 2:

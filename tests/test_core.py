@@ -227,7 +227,7 @@ def test_compile_setting_is_left_out_of_pickles_and_copies():
 def test_rms_norms_are_the_mean_square_form():
     x = torch.randn(5, 3, 7) * 10
     eps = torch.full([], 1e-5)
-    for dim, normed in [(-1, core.rms_norm(x, eps)), (1, core.token_rms_norm(x, eps, torch.full([1, 3], 1 / 3)))]:
+    for dim, normed in [(-1, core.rms_norm(x, eps)), (1, core.token_rms_norm(x, eps, torch.full([1, 1, 3], 1 / 3).expand(5, -1, -1)))]:
         expected = x * torch.rsqrt(x.square().mean(dim=dim, keepdim=True) + 1e-5)
         torch.testing.assert_close(normed, expected, **TOLERANCE)
     tiny = torch.zeros(2, 4)

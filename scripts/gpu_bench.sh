@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # GPU benchmark of rtm-mapping, one command (issue 14), about 8 minutes on one H100 or H200:
-#   bash scripts/gpu_bench.sh /path/to/stylegan2-ada-pytorch [WORKDIR]
+#   bash scripts/gpu_bench.sh /path/to/stylegan2-ada-pytorch-or-stylegan3 [WORKDIR]
 # Stages, each timed, all on a copy of the checkout (yours is left untouched):
-#   smoke   scripts/gpu_smoke.sh: --map=rtm with the official custom CUDA ops and fp16, snapshot, generate.py
+#   smoke   scripts/gpu_smoke.sh: --map=rtm with the official custom CUDA ops and fp16, snapshot, the official
+#           image script (both StyleGAN3 families on a StyleGAN3 checkout)
 #   bench   rtm-mapping bench --device cuda: dispatch (ops per call, CUDA launches, batch-1 latency: MLP 2 and 8
-#           layers, RTM eager, RTM captured) and generator forward + training step at cifar (batch 64) and
-#           paper512, MLP against RTM eager and RTM captured (torch.compile, CUDA graphs)
-#   train   train.py --cfg=cifar --batch=64 on a generated dataset, --map=mlp, --map=rtm, --map=rtm --map-compile:
-#           seconds per kimg over the ticks after tick 0
+#           layers, RTM eager, RTM captured) and, on StyleGAN2-ADA, generator forward + training step at cifar
+#           (batch 64) and paper512, MLP against RTM eager and RTM captured (torch.compile, CUDA graphs)
+#   train   train.py on a generated 32 px dataset, --map=mlp, --map=rtm, --map=rtm --map-compile: seconds per
+#           kimg over the ticks after tick 0; StyleGAN2-ADA --cfg=cifar --batch=64, StyleGAN3 --cfg=stylegan3-t --batch=32
 # Writes WORKDIR/gpu-bench.json and WORKDIR/gpu-bench.md. Without CUDA it stops at once. A stage that fails
 # is reported as such (its log is WORKDIR/STAGE.log) and the others still run.
 # MAP_COMPILE=MODE picks the torch.compile mode of the captured RTM (default auto: CUDA graphs on CUDA;
 # MAP_COMPILE=default captures without CUDA graphs). TRAIN_KIMG=8: the train.py runs' length.
 set -euo pipefail
-usage='usage: gpu_bench.sh STYLEGAN2_ADA_ROOT [WORKDIR]'
+usage='usage: gpu_bench.sh STYLEGAN2_ADA_OR_STYLEGAN3_ROOT [WORKDIR]'
 src=$(cd "${1:?$usage}" && pwd)
 work=${2:-$(mktemp -d)}
 mkdir -p "$work" && work=$(cd "$work" && pwd)
@@ -25,15 +26,19 @@ python -c "import torch, sys; torch.cuda.is_available() or sys.exit('gpu_bench.s
 python -c "import torch; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
 
 # Which official codebase. One entry per codebase: the checkout test, then the stages' settings.
-if [ -f "$src/training/networks_stylegan2.py" ]; then
-    echo "gpu_bench.sh: $src is a StyleGAN3 checkout; this script measures StyleGAN2-ADA checkouts only so far." >&2
-    exit 2
+# bench's generator part and its official-MLP baseline build StyleGAN2-ADA's networks: on a StyleGAN3
+# checkout the dispatch part measures against ReferenceMLP (the same layers) and the generator part is skipped.
+arm_flags_mlp=(--map=mlp); arm_flags_rtm=(--map=rtm); arm_flags_rtm_compile=(--map=rtm --map-compile="$MAP_COMPILE")
+if [ -f "$src/training/networks_stylegan3.py" ] && [ -f "$src/train.py" ]; then
+    codebase=stylegan3
+    train_common=(--cfg=stylegan3-t --gpus=1 --batch=32 --gamma=0.5 --kimg="$TRAIN_KIMG" --snap=1000 --metrics=none --workers=2)
+    bench_checkout=(); bench_generator=0
 elif [ -f "$src/training/networks.py" ] && [ -f "$src/train.py" ]; then
     codebase=stylegan2-ada
     train_common=(--cfg=cifar --batch=64 --kimg="$TRAIN_KIMG" --snap=1000 --metrics=none --workers=2)
-    arm_flags_mlp=(--map=mlp); arm_flags_rtm=(--map=rtm); arm_flags_rtm_compile=(--map=rtm --map-compile="$MAP_COMPILE")
+    bench_checkout=(--stylegan "$src"); bench_generator=1
 else
-    echo "gpu_bench.sh: $src is not a StyleGAN2-ADA checkout (no train.py, training/networks.py)." >&2
+    echo "gpu_bench.sh: $src is neither a StyleGAN2-ADA nor a StyleGAN3 checkout (no train.py, training/networks*.py)." >&2
     exit 2
 fi
 
@@ -57,9 +62,10 @@ stage() {   # stage NAME COMMAND...: run, log to WORKDIR/NAME.log, time it; a fa
 }
 
 stage smoke bash "$here/gpu_smoke.sh" "$root" "$work/smoke"
-bench=(rtm-mapping bench --device cuda --stylegan "$root" --compile-mode "$MAP_COMPILE" --repeats 100 --warmup 10 --gen-repeats 10 --gen-warmup 3)
+[ ${#bench_checkout[@]} -eq 0 ] || bench_checkout=(--stylegan "$root")
+bench=(rtm-mapping bench --device cuda "${bench_checkout[@]}" --compile-mode "$MAP_COMPILE" --repeats 100 --warmup 10 --gen-repeats 10 --gen-warmup 3)
 stage bench-dispatch "${bench[@]}" --part dispatch --out "$work/bench-dispatch.json"
-stage bench-generator "${bench[@]}" --part generator --config cifar --config paper512 --out "$work/bench-generator.json"
+[ "$bench_generator" = 0 ] || stage bench-generator "${bench[@]}" --part generator --config cifar --config paper512 --out "$work/bench-generator.json"
 
 rtm-mapping make-dataset --out "$work/data.zip" --count 1024 --resolution 32 > /dev/null
 train() {   # train ARM FLAGS...

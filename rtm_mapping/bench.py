@@ -770,7 +770,11 @@ def _find_checkout(stylegan: Optional[str], notes: List[str]) -> Optional[str]:
     current folder), put on sys.path; None, with a note saying why, when --stylegan is not given and
     there is none."""
     try:
-        return checkout.use(stylegan)
+        root = checkout.find(stylegan)
+        if checkout.codebase(root) != 'stylegan2-ada':   # before anything of it is imported
+            raise click.ClickException(f'{root} is a StyleGAN3 checkout; the generator part and the official MLP baseline '
+                                       'build StyleGAN2-ADA\'s networks: pass a StyleGAN2-ADA checkout, or none')
+        return checkout.use(root)
     except click.ClickException as err:
         if stylegan is not None:
             raise

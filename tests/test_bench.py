@@ -103,6 +103,7 @@ def _run_quick(tmp_path, *args):
 
 def test_bench_quick_without_checkout_writes_json(tmp_path, monkeypatch):
     monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.delenv('STYLEGAN3_ROOT', raising=False)
     monkeypatch.chdir(tmp_path)                 # not a checkout: generator part skipped
     result, data = _run_quick(tmp_path, '--part', 'mapper', '--part', 'memory', '--part', 'generator')
     assert {'meta', 'mapper', 'memory', 'flops', 'targets', 'ratios', 'notes'} <= set(data)
@@ -164,6 +165,7 @@ def test_rtm_kernel_count_grows_with_block_calls_only():
 
 def test_bench_dispatch_quick_eager_only(tmp_path, monkeypatch):
     monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.delenv('STYLEGAN3_ROOT', raising=False)
     monkeypatch.chdir(tmp_path)
     result, data = _run_quick(tmp_path, '--part', 'dispatch', '--compile-mode', 'none')
     dispatch = data['dispatch']
@@ -214,6 +216,7 @@ def test_rtm_mapping_network_kernel_counts_meet_issue_14_targets(stylegan_root):
 
 def test_bench_without_stylegan_uses_the_checkout_in_the_current_folder(tmp_path, stylegan_root, monkeypatch):
     monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.delenv('STYLEGAN3_ROOT', raising=False)
     monkeypatch.chdir(stylegan_root)
     _, data = _run_quick(tmp_path, '--part', 'memory')
     assert data['meta']['stylegan'] == stylegan_root and data['notes'] == []
@@ -248,6 +251,7 @@ def _write_stats(run_dir, sec_per_kimg):
 
 def test_gpu_report_joins_bench_and_training_speed(tmp_path, monkeypatch):
     monkeypatch.delenv('STYLEGAN2_ADA_ROOT', raising=False)
+    monkeypatch.delenv('STYLEGAN3_ROOT', raising=False)
     monkeypatch.chdir(tmp_path)
     _run_quick(tmp_path, '--part', 'dispatch', '--compile-mode', 'none')
     (tmp_path / 'bench.json').rename(tmp_path / 'bench-dispatch.json')

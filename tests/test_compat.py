@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import scipy
 import scipy.linalg
 
 from stylegan2_ada_patch import compat
@@ -29,7 +30,7 @@ def _stats(seed, shift):
 
 def test_official_fid_equals_the_scipy_1_17_value(stylegan_root, monkeypatch):
     from metrics import frechet_inception_distance, metric_utils
-    monkeypatch.setattr(frechet_inception_distance, 'scipy', frechet_inception_distance.scipy)   # Restored after the test.
+    monkeypatch.setattr(frechet_inception_distance, 'scipy', scipy)     # The real SciPy, even if an earlier apply() replaced it; restored after.
     monkeypatch.setattr(metric_utils, 'compute_feature_stats_for_dataset', lambda **kwargs: _stats(1, 0.0))
     monkeypatch.setattr(metric_utils, 'compute_feature_stats_for_generator', lambda **kwargs: _stats(2, 0.1))
     needed = compat.fix_fid_sqrtm()

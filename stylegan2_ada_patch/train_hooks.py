@@ -59,8 +59,8 @@ def report_resume(copy_params_and_buffers):
 
 def setup():
     """Called by the patched train.py and calc_metrics.py at import, in every process they spawn."""
+    compat.apply()      # first: the fixes must be in place before NVIDIA's modules are imported
     from torch_utils import misc
-    compat.apply()
     if not getattr(misc.copy_params_and_buffers, 'rtm_mapping_wrapped', False):
         misc.copy_params_and_buffers = report_resume(misc.copy_params_and_buffers)
     from training import training_loop

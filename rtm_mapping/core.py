@@ -7,7 +7,7 @@ and only the last H-step is differentiated through ("short gradient").
 This module imports nothing but torch, on purpose: StyleGAN pickles embed the source
 of this file (see rtm_mapping/networks.py), so it must run wherever torch runs.
 
-Speed (issue 14). A GPU pays per launched kernel, and the recursion calls the shared block
+Speed. A GPU pays per launched kernel, and the recursion calls the shared block
 H * (L + 1) = 32 times per mapper call. So everything that does not change between block calls
 is computed once per call (`MixerBlock.prepare`: the equalized-learning-rate gains, the casts,
 the RMSNorm constants), residuals are fused into their matrix product (addmm / baddbmm), and the
@@ -83,6 +83,22 @@ def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """StyleGAN's PixelNorm (normalize_2nd_moment) over the feature axis, in float32."""
     y = x.to(torch.float32)
     return y * torch.rsqrt(y.square().mean(dim=1, keepdim=True) + eps)
+
+
+def unit_trunc_normal(shape, generator: torch.Generator, bound: float = 2.0) -> torch.Tensor:
+    """A normal distribution truncated at +-bound of its standard deviation, rescaled to unit variance:
+    TRM's trunc_normal_init_ with std 1 (the truncated normal of JAX and Flax). torch.nn.init.trunc_normal_
+    (std=1, a=-2, b=2) draws the same shape with standard deviation 0.88, the std of N(0, 1) cut at +-2.
+
+    Args:
+        shape: Shape of the float32 result.
+        generator: The random generator to draw from.
+        bound: Truncation point, in standard deviations of the normal before truncation.
+    """
+    sample = torch.nn.init.trunc_normal_(torch.empty(shape), std=1.0, a=-bound, b=bound, generator=generator)
+    mass = math.erf(bound / math.sqrt(2))                           # P(|x| < bound) for x ~ N(0, 1)
+    density = math.exp(-bound ** 2 / 2) / math.sqrt(2 * math.pi)    # N(0, 1) density at the bound
+    return sample / math.sqrt(1 - 2 * bound * density / mass)       # divided by the truncated normal's std
 
 
 def swiglu_hidden(dim: int, expansion: float) -> int:
@@ -165,7 +181,10 @@ class MixerBlock(torch.nn.Module):
 
     Token mixing: SwiGLU along the token axis, residual, RMSNorm (over that axis, as TRM's mlp_t).
     Channel mixing: SwiGLU along the channel axis, residual, RMSNorm.
-    Equivalent to TinyRecursiveModels' TinyRecursiveReasoningModel_ACTV1Block with mlp_t=True.
+    Equal to TinyRecursiveModels' TinyRecursiveReasoningModel_ACTV1Block with mlp_t=True where TRM's
+    rounding of the SwiGLU hidden widths up to a multiple of 256 is a no-op (each round(8/3 * width)
+    already a multiple of 256); otherwise TRM's hidden layers are wider (swiglu_hidden: at the
+    defaults, 11 and 341 here against 256 and 512 in TRM).
     """
 
     def __init__(self, tokens: int, token_dim: int, expansion: float, eps: float, lr_multiplier: float = 1.0):
@@ -359,9 +378,9 @@ class RecursiveTokenMapper(torch.nn.Module):
 
         # Fixed carry vectors Z_H^init, Z_L^init (TRM's H_init / L_init: one unit-variance
         # vector each, shared by all tokens). Drawn from a private generator, so every DDP rank
-        # and every rebuild from the constructor arguments gets the same values.
-        generator = torch.Generator().manual_seed(CARRY_SEED)
-        carry = torch.nn.init.trunc_normal_(torch.empty([2, token_dim]), std=1.0, a=-2.0, b=2.0, generator=generator)
+        # and every rebuild from the constructor arguments gets the same values. They are
+        # buffers: a pickle or state dict keeps the values it was written with.
+        carry = unit_trunc_normal([2, token_dim], torch.Generator().manual_seed(CARRY_SEED))
         self.register_buffer('h_init', carry[0].clone())
         self.register_buffer('l_init', carry[1].clone())
 

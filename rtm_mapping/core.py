@@ -333,6 +333,8 @@ class RecursiveTokenMapper(torch.nn.Module):
             see DEFAULTS. None of them but tokens, token_dim, block and expansion changes the
             parameters, so steps, inner_steps and grad_steps can be changed on a trained model.
         lr_multiplier: Equalized learning-rate multiplier of every layer (StyleGAN uses 0.01).
+        input_norm: PixelNorm the input first (Algorithm 1, line 1). False where the caller has normalised
+            it: a StyleGAN MappingNetwork normalises z and the label embedding each on its own (StyleMapping).
     """
 
     _compile_mode: Optional[str] = None     # set_compile(); an instance attribute, left out of pickles and copies
@@ -352,6 +354,7 @@ class RecursiveTokenMapper(torch.nn.Module):
         grad_steps: int = DEFAULTS['grad_steps'],
         eps: float = DEFAULTS['eps'],
         lr_multiplier: float = 1.0,
+        input_norm: bool = True,
     ):
         super().__init__()
         for name, value in dict(in_features=in_features, out_features=out_features, tokens=tokens, token_dim=token_dim, heads=heads).items():
@@ -367,6 +370,7 @@ class RecursiveTokenMapper(torch.nn.Module):
         self.tokens = tokens
         self.token_dim = token_dim
         self.block_name = block
+        self.input_norm = bool(input_norm)
         self.set_steps(steps=steps, inner_steps=inner_steps, grad_steps=grad_steps)
 
         self.lift = Linear(in_features, tokens * token_dim, lr_multiplier=lr_multiplier)     # W_proj, b_proj
@@ -450,7 +454,7 @@ class RecursiveTokenMapper(torch.nn.Module):
         """Map z [batch, in_features] to w [batch, out_features] (float32).
 
         Args:
-            z: Latent (or latent and label embedding), any scale: it is PixelNorm-ed first.
+            z: Latent (or latent and label embedding), any scale: it is PixelNorm-ed first (unless input_norm=False).
             steps, inner_steps: Override H and L for this call only (positive integers).
         Returns:
             w, float32 unless run under autocast.
@@ -461,7 +465,7 @@ class RecursiveTokenMapper(torch.nn.Module):
         grad_steps = min(self.grad_steps, steps)
 
         # Algorithm 1, line 1: project noise to tokens.
-        z0 = self.lift(pixel_norm(z)).reshape(-1, self.tokens, self.token_dim)
+        z0 = self.lift(pixel_norm(z) if self.input_norm else z).reshape(-1, self.tokens, self.token_dim)
         # Lines 2-11: the recursion, eager or captured (set_compile).
         mode = self._compile_mode or _compile_default
         recurse = type(self).recurse if mode is None else compiled(type(self).recurse, mode, z0.device.type)
@@ -472,6 +476,7 @@ class RecursiveTokenMapper(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f'tokens={self.tokens}, token_dim={self.token_dim}, block={self.block_name!r}, '
                 f'steps={self.steps}, inner_steps={self.inner_steps}, grad_steps={self.grad_steps}'
+                + ('' if self.input_norm else ', input_norm=False')
                 + ('' if self._compile_mode is None else f', compile={self._compile_mode!r}'))
 
 #----------------------------------------------------------------------------
@@ -485,6 +490,7 @@ class RecursiveTokenMapper(torch.nn.Module):
 
 _persistent_classes = dict()    # (persistent_class, class) -> persistent subclass
 
+
 class StyleMapping:
     """Mixin for a StyleGAN MappingNetwork whose layers are one RecursiveTokenMapper, `self.rtm`.
 
@@ -495,9 +501,10 @@ class StyleMapping:
     def build_rtm(self, persistence, lr_multiplier: float, **rtm_kwargs) -> RecursiveTokenMapper:
         """A RecursiveTokenMapper from mapper_input() to w, each submodule re-classed to a persistent
         subclass by the official `persistence` module (adding no state, as torch.nn.utils.parametrize
-        does), so that pickles embed this file."""
+        does), so that pickles embed this file. mapper_input() has PixelNorm-ed its input: the RTM
+        does not again (input_norm=False)."""
         in_features = self.z_dim + (self.embed.weight.shape[0] if self.c_dim > 0 else 0)
-        rtm = RecursiveTokenMapper(in_features, self.w_dim, lr_multiplier=lr_multiplier, **rtm_kwargs)
+        rtm = RecursiveTokenMapper(in_features, self.w_dim, lr_multiplier=lr_multiplier, input_norm=False, **rtm_kwargs)
         for m in rtm.modules():
             if not persistence.is_persistent(m):
                 key = (persistence.persistent_class, type(m))

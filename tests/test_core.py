@@ -164,6 +164,17 @@ def test_carry_vectors_have_unit_variance_as_trms_initialiser():
     assert torch.equal(m.h_init, draw[0]) and torch.equal(pickle.loads(pickle.dumps(m)).l_init, draw[1])
 
 
+def test_input_is_pixel_normed_unless_the_caller_has():
+    m = RecursiveTokenMapper(32, 24, tokens=4, token_dim=8, steps=2)
+    z = torch.randn(6, 32)
+    torch.testing.assert_close(m(z * 7), m(z), **TOLERANCE)        # PixelNorm first: the scale of z does not matter
+    prenormed = RecursiveTokenMapper(32, 24, tokens=4, token_dim=8, steps=2, input_norm=False)     # as a MappingNetwork builds it
+    prenormed.load_state_dict(m.state_dict())
+    assert 'input_norm=False' in repr(prenormed) and 'input_norm' not in repr(m)
+    torch.testing.assert_close(prenormed(core.pixel_norm(z)), m(z), rtol=0, atol=0)
+    assert not torch.allclose(prenormed(z * 7), m(z), **TOLERANCE)
+
+
 def test_inference_override_equals_a_model_built_with_that_schedule():
     trained = RecursiveTokenMapper(64, 64, tokens=4, token_dim=16, steps=16)
     z = torch.randn(8, 64)

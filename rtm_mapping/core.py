@@ -4,7 +4,7 @@ Implements Algorithm 1 of "Recursive Token Mapper" (arXiv 2605.15309, §3.2 and 
 a small shared block f is applied H * (L + 1) times to a pair of token states,
 and only the last H-step is differentiated through ("short gradient").
 
-This module imports nothing but torch, on purpose: StyleGAN pickles embed the source
+This module imports nothing but torch (and the standard library), on purpose: StyleGAN pickles embed the source
 of this file (see rtm_mapping/networks.py), so it must run wherever torch runs.
 
 Speed. A GPU pays per launched kernel, and the recursion calls the shared block
@@ -16,7 +16,10 @@ without transposes. `set_compile` captures the recursion with torch.compile (opt
 stored in pickles or copies).
 """
 
+import inspect
 import math
+import sys
+import types
 from typing import NamedTuple, Optional
 
 import torch
@@ -487,8 +490,34 @@ class RecursiveTokenMapper(torch.nn.Module):
 # (StyleGAN3). It lives in this file because every RTM pickle carries this file (the RTM's
 # layers get persistent classes) and no other of ours: an adapter unpickled without rtm-mapping
 # installed finds it here. Pure torch; the official parts come from the adapter.
+#
+# Each adapter runs with the core of its own pickle, named exactly. torch_utils.persistence pickles the
+# source of the module of each persistent class and, unpickling, runs each source once per process (a
+# source it has seen before gives the module it made then). So the source an adapter pickles is its file
+# with the line `CORE_SOURCE = None` replaced by this file's source (pickle_adapter_with_core); unpickled,
+# that copy takes persistence's module for that core source, the module the RTM layers of the same pickle
+# run in, whatever else the process has loaded and in whichever order. Pickles whose cores differ carry
+# different adapter sources, hence get different adapter modules.
 
+ADAPTER_CORE_LINE = 'CORE_SOURCE = None'
 _persistent_classes = dict()    # (persistent_class, class) -> persistent subclass
+
+
+def pickle_adapter_with_core(adapter: types.ModuleType, persistence) -> None:
+    """Make torch_utils.persistence pickle `adapter` with the source of this core in it (see above).
+
+    Args:
+        adapter: An installed adapter module, while it is imported: before it defines its persistent classes.
+        persistence: The official torch_utils.persistence module the adapter decorates its classes with.
+    """
+    core_source = persistence._module_to_src(sys.modules[__name__])     # what the RTM layers' persistent classes carry
+    lines = inspect.getsource(adapter).split('\n')
+    if lines.count(ADAPTER_CORE_LINE) != 1:
+        raise RuntimeError(f'{adapter.__name__} must have the line {ADAPTER_CORE_LINE!r} exactly once: its pickles name their core there')
+    lines[lines.index(ADAPTER_CORE_LINE)] = f'CORE_SOURCE = {core_source!r}'
+    source = '\n'.join(lines)
+    persistence._module_to_src_dict[adapter] = source       # persistence._module_to_src(adapter) from now on
+    persistence._src_to_module_dict[source] = adapter
 
 
 class StyleMapping:

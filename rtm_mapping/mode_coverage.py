@@ -2,7 +2,7 @@
 
 The paper's Table 3 claims that RTM improves coverage and recall (AFHQ-512 recall 0.507 -> 0.565); that
 needs GPUs for days. This is the experiment anyone can rerun in minutes: a generator made of a mapper
-(the official 2- and 8-layer MLP structure, `bench.ReferenceMLP`, and RTM at H = 1, 4, 16) followed by
+(the official 2- and 8-layer MLP structure, `mlp.ReferenceMLP`, and RTM at H = 1, 4, 16) followed by
 the same small MLP decoder, trained as a GAN on distributions with known modes (the 2-D ring of 8 and
 grid of 25 Gaussians of the mode-collapse literature, e.g. PacGAN, Lin et al. 2018, here with wider
 modes; and 100 modes on corners of a 10-D hypercube embedded in 64-D). Every mapper gets the same
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from rtm_mapping import __version__
-from rtm_mapping.bench import ReferenceMLP
 from rtm_mapping.core import RecursiveTokenMapper
 from rtm_mapping.metrics import prdc
+from rtm_mapping.mlp import ReferenceMLP
 
 #----------------------------------------------------------------------------
 # What is run, in one place.

@@ -16,7 +16,7 @@ import click
 import numpy as np
 import torch
 
-from rtm_mapping import detectors, metrics, swap
+from rtm_mapping import detectors, metrics, pickles
 from stylegan2_ada_patch import checkout
 
 #----------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def sweep_h(network_pkl: str, metrics_text: str, steps_text: str, data: Optional
     with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
         network_dict = legacy.load_network_pkl(f)
     G = network_dict['G_ema']
-    if swap.mapper_kind(G) != 'rtm':
+    if pickles.mapper_kind(G) != 'rtm':
         raise click.ClickException(f'{network_pkl} has no Recursive Token Mapper (G_ema.mapping.rtm); '
                                    f'sweep-h needs a pickle trained with --map=rtm. Use calc_metrics.py for other networks.')
     G = copy.deepcopy(G).eval().requires_grad_(False).to(device)

@@ -416,7 +416,9 @@ def load(path, force_fp16=False):
 def test_swap_info_and_set_h_on_a_stock_pickle(stylegan3_root, tmp_path, family, c_dim):
     from torch_utils import misc
 
-    from rtm_mapping.swap import info, set_h, swap
+    from rtm_mapping.info import info
+    from rtm_mapping.set_h import set_h
+    from rtm_mapping.swap import swap
     stock = stock_snapshot(family, c_dim)
     src, dst = str(tmp_path / 'stock.pkl'), str(tmp_path / 'rtm.pkl')
     with open(src, 'wb') as f:

@@ -89,9 +89,10 @@ def test_swap_keeps_everything_but_the_mapper(swapped, c_dim):
 def test_swap_beats_its_starting_point(swapped, c_dim):
     """The distilled RTM is closer to the old mapper than the RTM it started from, and than the mean w."""
     from rtm_mapping import swap as swap_module
+    from rtm_mapping import swap_eval
     src, dst, report = swapped[c_dim]
     old, new = load(src), load(dst)
-    evaluator = swap_module.Evaluator(old['G_ema'], 8)
+    evaluator = swap_eval.Evaluator(old['G_ema'], 8)
     start = swap_module.build_rtm_generator(old['G_ema'], 2)
     start_error = evaluator.w_error(evaluator.student_w(start.mapping))
     error = evaluator.w_error(evaluator.student_w(new['G_ema'].mapping))
@@ -102,10 +103,10 @@ def test_swap_beats_its_starting_point(swapped, c_dim):
 
 
 def test_distillation_is_deterministic(stylegan_root):
-    from rtm_mapping import distill
+    from rtm_mapping import distill, swap_eval
     from rtm_mapping import swap as swap_module
     teacher = stock_snapshot(0)['G_ema']
-    evaluator = swap_module.Evaluator(teacher, 16)
+    evaluator = swap_eval.Evaluator(teacher, 16)
 
     def run():
         G = swap_module.build_rtm_generator(teacher, 2)
@@ -124,10 +125,10 @@ def test_teacher_lift_beats_the_linear_floor_and_a_random_lift(stylegan_root):
     """Regression pin (4 kimg, H = 2, tiny stock teacher; deterministic): the default initialisation, the lift
     from the teacher's fc0, lands below the linear least-squares floor and below a random lift (init='zero'):
     measured 0.456 against 0.496 and 0.501."""
-    from rtm_mapping import distill
+    from rtm_mapping import distill, swap_eval
     from rtm_mapping import swap as swap_module
     teacher = stock_snapshot(0)['G_ema']
-    evaluator = swap_module.Evaluator(teacher, 64)
+    evaluator = swap_eval.Evaluator(teacher, 64)
     teacher_w = lambda z, c: teacher.mapping(z, c)[:, 0]     # noqa: E731
     floor_error = evaluator.floor_figures(swap_module.build_rtm_generator(teacher, 2, 0).mapping, images=False)['rel_w_error']
     errors = {}
@@ -186,7 +187,7 @@ def stylegan3_like(tmp_path, monkeypatch):
 #----------------------------------------------------------------------------
 
 def test_set_h_changes_the_output_and_survives_force_fp16(swapped, tmp_path):
-    from rtm_mapping.swap import set_h
+    from rtm_mapping.set_h import set_h
     _, dst, _ = swapped[4]
     out = str(tmp_path / 'h8.pkl')
     result = invoke(set_h, [dst, '--h', '8', '--out', out])
@@ -203,7 +204,7 @@ def test_set_h_changes_the_output_and_survives_force_fp16(swapped, tmp_path):
 
 
 def test_info_prints_the_facts(swapped):
-    from rtm_mapping.swap import info
+    from rtm_mapping.info import info
     src, dst, _ = swapped[4]
     text = invoke(info, [dst]).output
     assert 'mapper rtm (H=2, L=1, block=mixer' in text and 'w_avg finite: True' in text and text.startswith('G:')

@@ -24,7 +24,8 @@ def store_steps(G, steps: int) -> None:
 
 @click.command()
 @click.argument('network_pkl', type=click.Path(exists=True, dir_okay=False), metavar='PKL')
-@click.option('--h', 'steps', type=click.IntRange(min=1), required=True, metavar='INT', help='Inference refinement steps H.')
+@click.option('--map-h', '--h', 'steps', type=click.IntRange(min=1), required=True, metavar='INT',
+              help='Inference refinement steps H, as train.py --map-h (--h works too).')
 @click.option('--out', type=click.Path(dir_okay=False), required=True, metavar='PKL', help='Output pickle (never the input).')
 @checkout.option
 def set_h(network_pkl: str, steps: int, out: str, stylegan: Optional[str]):

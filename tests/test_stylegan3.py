@@ -384,7 +384,7 @@ def test_prdc_through_calc_metrics_and_sweep_h(sg3_checkout, tmp_path, monkeypat
     assert all(0 <= value <= 1 for key, value in result.items() if not key.endswith('density'))
 
     table = tmp_path / 'sweep.json'
-    result = CliRunner().invoke(sweep_h, ['--network', str(snapshot_pkl), '--metrics', 'prdc_vgg_full', '--h', '2,3', '--stylegan', str(sg3_checkout),
+    result = CliRunner().invoke(sweep_h, ['--network', str(snapshot_pkl), '--metrics', 'prdc_vgg_full', '--map-h', '2,3', '--stylegan', str(sg3_checkout),
                                           '--device', 'cpu', '--verbose', 'false', '--out-json', str(table), '--out-md', str(tmp_path / 'sweep.md')])
     assert result.exit_code == 0, result.output
     rows = json.loads(table.read_text())['rows']
@@ -442,7 +442,7 @@ def test_swap_info_and_set_h_on_a_stock_pickle(stylegan3_root, tmp_path, family,
     assert CliRunner().invoke(info, [src, '--stylegan', stylegan3_root]).output.count(f'mapper mlp ({stock["G"].mapping.num_layers} layers') == 2
 
     again = str(tmp_path / 'rtm-h3.pkl')
-    result = CliRunner().invoke(set_h, [dst, '--h', '3', '--out', again, '--stylegan', stylegan3_root])
+    result = CliRunner().invoke(set_h, [dst, '--map-h', '3', '--out', again, '--stylegan', stylegan3_root])
     assert result.exit_code == 0, result.output
     assert load(again)['G_ema'].mapping.rtm.steps == 3 and load(again, force_fp16=True)['G_ema'].mapping.rtm.steps == 3
 

@@ -190,7 +190,7 @@ def test_set_h_changes_the_output_and_survives_force_fp16(swapped, tmp_path):
     from rtm_mapping.set_h import set_h
     _, dst, _ = swapped[4]
     out = str(tmp_path / 'h8.pkl')
-    result = invoke(set_h, [dst, '--h', '8', '--out', out])
+    result = invoke(set_h, [dst, '--map-h', '8', '--out', out])
     assert result.exit_code == 0, result.output
     before, after, rebuilt = load(dst)['G_ema'], load(out)['G_ema'], load(out, force_fp16=True)['G_ema']
     z, c = torch.randn(4, 32), torch.eye(4)
@@ -200,7 +200,8 @@ def test_set_h_changes_the_output_and_survives_force_fp16(swapped, tmp_path):
     assert torch.equal(after.mapping(z, c)[:, 0], expected)
     assert torch.equal(rebuilt.mapping(z, c)[:, 0], expected)
     assert not torch.equal(before.mapping(z, c)[:, 0], expected)
-    assert invoke(set_h, [dst, '--h', '8', '--out', dst]).exit_code != 0     # never over the input
+    result = invoke(set_h, [dst, '--h', '8', '--out', dst])     # --h: --map-h's other name
+    assert result.exit_code != 0 and 'is the input pickle' in result.output     # never over the input
 
 
 def test_info_prints_the_facts(swapped):

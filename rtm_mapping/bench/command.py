@@ -60,7 +60,8 @@ def find_checkout(stylegan: Optional[str], notes: List[str]) -> Optional[str]:
 
 def machine_info(device: torch.device) -> dict:
     info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                rtm_mapping=__version__, cpu=_cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
+                rtm_mapping=__version__, cpu=_cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                load_average=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None)   # other jobs on the machine, at the start
     if device.type == 'cuda':
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return info

@@ -33,7 +33,8 @@ def merge(paths: List[str]) -> dict:
 
 def header(meta: dict) -> List[str]:
     machine = meta['machine']
-    return [f'Machine: {machine.get("gpu", machine["cpu"])} ({meta["device"]}, {machine["torch_threads"]} torch threads), '
+    threads = machine['torch_threads']
+    return [f'Machine: {machine.get("gpu", machine["cpu"])} ({meta["device"]}, {threads} torch thread{"s" if threads != 1 else ""}), '
             f'torch {machine["torch"]}, rtm-mapping {machine["rtm_mapping"]}.  ',
             f'Command: `{meta["command"]}`' + ('  \nDenormals flushed to zero (CPU).' if meta['flush_denormal'] else '')]
 

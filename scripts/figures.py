@@ -2,7 +2,7 @@
 
     STYLEGAN2_ADA_ROOT=~/stylegan2-ada-pytorch python scripts/figures.py [PART ...]
 
-Each PART of FIGURES (default: all of them) is measured by `rtm-mapping bench` on this machine, with the
+Each PART of FIGURES (default: those the documents show) is measured by `rtm-mapping bench` on this machine, with the
 options below, into docs/bench/cpu-PART.json. Then every block of the DOCUMENTS between
 `<!-- figures: NAME -->` and `<!-- /figures -->` is rewritten from the JSONs: NAME is a part (its table,
 as `bench` prints it, with the command and machine), `targets` (every part's targets), or an experiment
@@ -111,16 +111,19 @@ def rewrite(text: str) -> str:
 @click.option('--stylegan', envvar='STYLEGAN2_ADA_ROOT', metavar='DIR', help='StyleGAN2-ADA checkout  [default: $STYLEGAN2_ADA_ROOT]')
 @click.option('--render-only', is_flag=True, help='Measure nothing; rewrite the blocks from the JSONs there are.')
 def main(parts, stylegan, render_only):
-    """Measure the parts (default: all of FIGURES) and rewrite the figure blocks of the documents."""
+    """Measure the parts (default: those the documents show) and rewrite the figure blocks of the documents."""
+    texts = {}
+    for document in DOCUMENTS:
+        with open(os.path.join(ROOT, document), encoding='utf-8') as f:
+            texts[document] = f.read()
     if not render_only:
         if not stylegan:
             raise click.UsageError('the figures are of the official networks: pass --stylegan or set STYLEGAN2_ADA_ROOT to a StyleGAN2-ADA checkout.')
-        for part in parts or FIGURES:
+        shown = {name for text in texts.values() for name in blocks(text)}
+        for part in parts or [part for part in FIGURES if part in shown]:
             measure(part, stylegan)
-    for document in DOCUMENTS:
+    for document, text in texts.items():
         path = os.path.join(ROOT, document)
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
         new = rewrite(text)
         if new != text:
             with open(path, 'w', encoding='utf-8') as f:

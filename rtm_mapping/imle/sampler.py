@@ -282,6 +282,25 @@ def _all_gather(t: torch.Tensor, group) -> list:
     return parts
 
 
+def _rerank(x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Squared distances sum((x_i - pool_j)^2) in float64 for the pool rows idx [r, K] of each query x [r, d],
+    in row blocks of about 8 MB through reused buffers (fresh large buffers cost page faults on a CPU)."""
+    r, K = idx.shape
+    d = x.shape[1]
+    out = torch.empty([r, K], dtype=torch.float64, device=x.device)
+    step = max(1, (8 << 20) // max(1, K * d * 8))
+    gathered = torch.empty([min(step, r) * K, d], dtype=pool.dtype, device=x.device)
+    diff = torch.empty([min(step, r), K, d], dtype=torch.float64, device=x.device)
+    x64 = x.to(torch.float64)
+    for r0 in range(0, r, step):
+        rows = min(step, r - r0)
+        g = torch.index_select(pool, 0, idx[r0:r0 + rows].reshape(-1), out=gathered[:rows * K])
+        block = diff[:rows]
+        block.copy_(g.view(rows, K, d)).sub_(x64[r0:r0 + rows, None, :]).square_()
+        torch.sum(block, dim=2, out=out[r0:r0 + rows])
+    return out
+
+
 def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional[torch.Tensor], offset: int, dtype: torch.dtype,
                   memory_budget: int, column_min: bool, progress: Optional[Progress]):
     """One blocked pass of queries x [r, d] over this process's pool [c, d]: each query's k nearest,
@@ -294,55 +313,55 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
     vals = torch.full([r, kk], math.inf, dtype=dtype, device=device)
     idx = torch.full([r, kk], -1, dtype=torch.int64, device=device)
     colmin = torch.full([c], math.inf, dtype=dtype, device=device) if column_min else None
+
+    # Augmented vectors, centred on the queries' mean: [-2 x, 1, |x|^2] . [y, |y|^2, 1] = |x - y|^2,
+    # padded with zeros to a multiple of 8.
     mu = x.to(torch.float64).mean(dim=0).to(dtype)
-    width = (d + 2 + 7) // 8 * 8                                        # augmented and padded to a multiple of 8
+    width = (d + 2 + 7) // 8 * 8
     xc = x.to(dtype) - mu
     xa = torch.zeros([r, width], dtype=dtype, device=device)
     xa[:, :d], xa[:, d], xa[:, d + 1] = -2 * xc, 1, xc.square().sum(dim=1)
     y_norm = torch.zeros([], dtype=dtype, device=device)               # max |y - mu| over the pool
-    y_raw_norm = torch.zeros([], dtype=dtype, device=device)           # max |y|
     row_block, col_block = search_blocks(r, c, d, memory_budget=memory_budget, element_size=torch.finfo(dtype).bits // 8)
+    ya_buffer = torch.empty([min(col_block, c) * width], dtype=dtype, device=device)
+    s_buffer = torch.empty([min(row_block, r) * min(col_block, c)], dtype=dtype, device=device)
 
     with _exact_float32_matmul():
         for c0 in range(0, c, col_block):
             y = pool[c0:c0 + col_block]
-            ya = torch.zeros([y.shape[0], width], dtype=dtype, device=device)
+            cols = y.shape[0]
+            ya = ya_buffer[:cols * width].view(cols, width)
             torch.sub(y.to(dtype), mu, out=ya[:, :d])
-            ya[:, d], ya[:, d + 1] = torch.linalg.vector_norm(ya[:, :d], dim=1).square(), 1
+            ya[:, d], ya[:, d + 1], ya[:, d + 2:] = torch.linalg.vector_norm(ya[:, :d], dim=1).square(), 1, 0
             y_norm = torch.maximum(y_norm, ya[:, d].max().sqrt())
-            y_raw_norm = torch.maximum(y_raw_norm, y.norm(dim=1).max().to(dtype))
-            excluded = None if mask is None else mask[c0:c0 + col_block]
+            excluded = None if mask is None else mask[c0:c0 + cols]
             for r0 in range(0, r, row_block):
-                s = torch.mm(xa[r0:r0 + row_block], ya.t())                   # approximate squared distances
+                rows = min(row_block, r - r0)
+                s = torch.mm(xa[r0:r0 + rows], ya.t(), out=s_buffer[:rows * cols].view(rows, cols))     # approximate squared distances
                 if excluded is not None:
                     s.masked_fill_(excluded, math.inf)
                 if colmin is not None:
-                    colmin[c0:c0 + y.shape[0]] = torch.minimum(colmin[c0:c0 + y.shape[0]], s.amin(dim=0))
-                v, j = s.topk(min(kk, s.shape[1]), dim=1, largest=False, sorted=False)
-                v, j = torch.cat([vals[r0:r0 + row_block], v], dim=1), torch.cat([idx[r0:r0 + row_block], j + c0], dim=1)
+                    torch.minimum(colmin[c0:c0 + cols], s.amin(dim=0), out=colmin[c0:c0 + cols])
+                v, j = s.topk(min(kk, cols), dim=1, largest=False, sorted=False)
+                v, j = torch.cat([vals[r0:r0 + rows], v], dim=1), torch.cat([idx[r0:r0 + rows], j + c0], dim=1)
                 best = v.topk(kk, dim=1, largest=False, sorted=False).indices
-                vals[r0:r0 + row_block], idx[r0:r0 + row_block] = v.gather(1, best), j.gather(1, best)
+                vals[r0:r0 + rows], idx[r0:r0 + rows] = v.gather(1, best), j.gather(1, best)
             if progress is not None:
-                progress('search', min(c0 + col_block, c), c)
+                progress('search', c0 + cols, c)
 
     # The float32 error of an approximate squared distance, |s - sum((x - y)^2)|, is at most
     # (gamma_width + gamma_d + 2u) (|x - mu| + |y - mu|)^2 (GEMM, squared norms, centring) plus the
-    # float64 re-ranking's gamma_d (|x| + |y|)^2; twice that is used.
-    # The norms are float roundings themselves: 1e-4 more covers that.
+    # float64 re-ranking's gamma_d (|x| + |y|)^2; twice that is used, and 1e-4 more for the norms' own rounding.
     x_norm = xa[:, d + 1].to(torch.float64).sqrt()
     x_raw_norm = x.norm(dim=1).to(torch.float64)
+    y_raw_norm = y_norm.to(torch.float64) + mu.to(torch.float64).norm()    # |y| <= |y - mu| + |mu|
     u = torch.finfo(dtype).eps / 2
     err = 2 * (1 + 1e-4) ** 2 * ((_gamma(width, dtype) + _gamma(d, dtype) + 2 * u) * (x_norm + y_norm.to(torch.float64)) ** 2
-                                 + _gamma(d, torch.float64) * (x_raw_norm + y_raw_norm.to(torch.float64)) ** 2)
+                                 + _gamma(d, torch.float64) * (x_raw_norm + y_raw_norm) ** 2)
 
-    # Exact re-ranking of the candidates, in row blocks of about 8 MB (cache-sized on a CPU).
+    # Exact re-ranking; the bound on everything not listed.
     valid = torch.isfinite(vals)
-    sq = torch.full([r, kk], math.inf, dtype=torch.float64, device=device)
-    step = max(1, min(memory_budget, 8 << 20) // max(1, kk * d * 8))
-    for r0 in range(0, r, step):
-        diff = pool[idx[r0:r0 + step].clamp(min=0)].to(torch.float64).sub_(x[r0:r0 + step, None, :].to(torch.float64))
-        sq[r0:r0 + step] = diff.square_().sum(dim=2)
-    sq = torch.where(valid, sq, torch.full_like(sq, math.inf))
+    sq = torch.where(valid, _rerank(x, pool, idx.clamp(min=0)), torch.full(vals.shape, math.inf, dtype=torch.float64, device=device))
     idx = torch.where(valid, idx + offset, torch.full_like(idx, -1))
     sq, idx = _sort_pairs(sq, idx)
     available = c if mask is None else int(c - mask.sum())
@@ -440,7 +459,7 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
         Match, the same on every rank (but `rejected`, which is this rank's slice).
     """
     for name, t in (('data_features', data_features), ('pool_features', pool_features)):
-        if t.ndim != 2 or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+        if t.ndim != 2 or not t.is_floating_point() or (t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())):
             raise ValueError(f'{name} must be a finite float [N, dim] tensor, got {t.dtype} {list(t.shape)}')
     if data_features.shape[1] != pool_features.shape[1] or data_features.shape[0] == 0:
         raise ValueError(f'need n >= 1 data features and pool features of the same dim, got {list(data_features.shape)} and {list(pool_features.shape)}')

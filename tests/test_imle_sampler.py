@@ -3,6 +3,7 @@
 import datetime
 import json
 import os
+import traceback
 
 import pytest
 import torch
@@ -281,8 +282,12 @@ def _distributed_worker(rank, world, store, out):
             G, data, pool_size=2048, features=features, epsilon=1.1, knn_ignore=5, batch_size=256, jitter_std=1e-3,
             generator=torch.Generator().manual_seed(100 + rank), device='cpu')     # rank 0's seed is used
         torch.save(results, os.path.join(out, f'rank{rank}.pt'))
-    finally:
-        torch.distributed.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    # No destroy_process_group(): torch 2.1's ProcessGroupGloo destructor joins its worker thread while
+    # holding the GIL, and that thread may still need the GIL to free the last collective's tensors.
+    os._exit(0)
 
 
 def test_two_processes_select_what_one_selects(tmp_path):

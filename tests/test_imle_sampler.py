@@ -99,6 +99,17 @@ def test_image_whose_k_nearest_are_all_rejected_takes_the_next():
     assert found.fallback_rows >= 1
 
 
+def test_nearest_sample_rejected_by_another_image():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])                      # images a and b
+    pool = torch.tensor([[0.95, 0.0], [-1.2, 0.0], [1.5, 0.0]])     # a's nearest is within epsilon of b only
+    for knn_ignore in (None, 1):
+        # One candidate per image, one image per block: a's candidate is removed by b, after a's block.
+        found = assert_matches_brute_force(x, pool, 0.1, knn_ignore, candidates=1, memory_budget=1 << 10)
+        assert found.index.tolist() == [1, 2] and found.rejected.tolist() == [True, False, False]
+        assert found.fallback_rows >= 1                             # a needed a second search
+        assert_matches_brute_force(x, pool, 0.1, knn_ignore, candidates=1)
+
+
 def test_epsilon_zero_is_plain_imle():
     x, y = unit(10, 6, 7), unit(40, 6, 8)
     for knn_ignore in (3, None):

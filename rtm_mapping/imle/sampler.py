@@ -305,7 +305,7 @@ def _rerank(x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor) -> torch.Ten
 
 class _Columns(NamedTuple):
     """What a pass learns about this rank's pool samples (not merged across ranks)."""
-    colmin: Optional[torch.Tensor]      # [c] smallest approximate squared distance to a query (column_min)
+    colmin: Optional[torch.Tensor]      # [c] smallest approximate squared distance to a query (paper_rule)
     err: torch.Tensor                   # 0-d float64: a bound on every approximate distance's error
     rejected: Optional[torch.Tensor]    # [c] bool: removed by the per-chunk rule (chunk_rule)
 
@@ -326,7 +326,8 @@ def _chunk_rule(s, err, rule, rejected, pairs, redo, r0: int, c0: int) -> None:
     """RS-IMLE's per-database rule on one distance block s [rows, cols] (queries r0..., samples c0...,
     cols a multiple of the chunk but at the pool's end): each query's k nearest of each chunk, those within
     epsilon removed. Decided here from the float32 values where their error (err [rows]) allows; else the
-    pair (query, sample) goes to `pairs` or the pair (query, chunk) to `redo`, for exact distances later."""
+    pair (query, sample) goes to `pairs` (for its exact distance) or the triple (query, chunk start, chunk
+    length) to `redo` (for an exact search of the chunk)."""
     k, size, eps2 = rule
     rows, cols = s.shape
     e = err[:, None, None]
@@ -351,18 +352,21 @@ def _chunk_rule(s, err, rule, rejected, pairs, redo, r0: int, c0: int) -> None:
 
 
 def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional[torch.Tensor], offset: int, dtype: torch.dtype,
-                  memory_budget: int, column_min: bool, progress: Optional[Progress], chunk_rule=None):
+                  memory_budget: int, progress: Optional[Progress], paper_rule: Optional[float] = None, chunk_rule=None):
     """One blocked pass of queries x [r, d] over this process's pool [c, d]: each query's k nearest,
-    re-ranked exactly, with a certified bound; if column_min, each pool sample's smallest approximate
-    squared distance to a query; if chunk_rule = (k, chunk, epsilon^2), the samples RS-IMLE's per-chunk
-    rule removes (offset a multiple of the chunk). mask [c] bool: excluded samples."""
+    re-ranked exactly, with a certified bound. mask [c] bool: excluded samples.
+
+    With a rejection rule the pass also finds what the rule removes, and leaves out of the candidates
+    the samples it already knows to be removed (so the bound is then on the samples not removed):
+    paper_rule = epsilon^2: each pool sample's smallest approximate squared distance to a query;
+    chunk_rule = (k, chunk, epsilon^2): the samples RS-IMLE's per-chunk rule removes (offset a multiple of the chunk)."""
     r, d = x.shape
     c = pool.shape[0]
     device = x.device
     kk = min(k, c)
     vals = torch.full([r, kk], math.inf, dtype=dtype, device=device)
     idx = torch.full([r, kk], -1, dtype=torch.int64, device=device)
-    colmin = torch.full([c], math.inf, dtype=dtype, device=device) if column_min else None
+    colmin = torch.full([c], math.inf, dtype=dtype, device=device) if paper_rule is not None else None
     rejected = torch.zeros([c], dtype=torch.bool, device=device) if chunk_rule else None
     pairs, redo = [], []
 
@@ -391,6 +395,8 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
             ya[:, d], ya[:, d + 1], ya[:, d + 2:] = torch.linalg.vector_norm(ya[:, :d], dim=1).square(), 1, 0
             block_norm = ya[:, d].max().sqrt()
             y_norm = torch.maximum(y_norm, block_norm)
+            if paper_rule is not None:                                  # one error bound for every pair of this column block
+                block_err = _error_bound(x_norm.max(), x_raw_norm.max(), block_norm.to(torch.float64), mu_norm, width, d, dtype)
             excluded = None if mask is None else mask[c0:c0 + cols]
             for r0 in range(0, r, row_block):
                 rows = min(row_block, r - r0)
@@ -399,9 +405,11 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
                     s.masked_fill_(excluded, math.inf)
                 if colmin is not None:
                     torch.minimum(colmin[c0:c0 + cols], s.amin(dim=0), out=colmin[c0:c0 + cols])
+                    s.masked_fill_(colmin[c0:c0 + cols].to(torch.float64) + block_err < paper_rule, math.inf)     # surely removed
                 if chunk_rule:
                     err = _error_bound(x_norm[r0:r0 + rows], x_raw_norm[r0:r0 + rows], block_norm.to(torch.float64), mu_norm, width, d, dtype)
                     _chunk_rule(s, err.to(dtype), chunk_rule, rejected, pairs, redo, r0, c0)
+                    s.masked_fill_(rejected[c0:c0 + cols], math.inf)
                 v, j = s.topk(min(kk, cols), dim=1, largest=False, sorted=False)
                 v, j = torch.cat([vals[r0:r0 + rows], v], dim=1), torch.cat([idx[r0:r0 + rows], j + c0], dim=1)
                 best = v.topk(kk, dim=1, largest=False, sorted=False).indices
@@ -417,11 +425,12 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
         if pairs.shape[1]:
             exact = _rerank(x[pairs[0]], pool, pairs[1][:, None])[:, 0]
             rejected[pairs[1][exact < eps2]] = True
-        for query, start, length in (torch.cat(redo, dim=1).t().tolist() if redo else []):
-            members = torch.arange(start, start + length, device=device)[None]
-            sq, members = _sort_pairs(_rerank(x[query:query + 1], pool, members), members)
-            nearest_k = members[0, :k_rule]
-            rejected[nearest_k[sq[0, :k_rule] < eps2]] = True
+        redo = torch.cat(redo, dim=1) if redo else torch.zeros([3, 0], dtype=torch.int64, device=device)
+        for start, length in torch.unique(redo[1:], dim=1).t().tolist():          # one exact search per chunk
+            queries = redo[0][redo[1] == start]
+            found = nearest(x[queries], pool[start:start + length], k_rule, memory_budget=memory_budget, group=False)
+            hit = (found.sq_dist[:, :k_rule] < eps2) & (found.index[:, :k_rule] >= 0)
+            rejected[start + found.index[:, :k_rule][hit]] = True
 
     # Exact re-ranking; the bound on everything not listed.
     valid = torch.isfinite(vals)
@@ -437,11 +446,11 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
     return _pad(Candidates(sq, idx, bound), k), columns
 
 
-def _search(x, pool, k, *, mask=None, offset=0, dtype=torch.float32, memory_budget, group=None, column_min=False, progress=None,
-            chunk_rule=None):
+def _search(x, pool, k, *, mask=None, offset=0, dtype=torch.float32, memory_budget, group=None, progress=None,
+            paper_rule=None, chunk_rule=None):
     """_local_search on every rank, merged: each query's k nearest over the whole pool (all ranks)."""
     local, column = _local_search(x, pool, k, mask=mask, offset=offset, dtype=dtype, memory_budget=memory_budget,
-                                  column_min=column_min, progress=progress, chunk_rule=chunk_rule)
+                                  progress=progress, paper_rule=paper_rule, chunk_rule=chunk_rule)
     if not _distributed(group):
         return local, column
     sq = torch.cat(_all_gather(local.sq_dist, group), dim=1)
@@ -556,8 +565,8 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
     # One pass: each image's `width` nearest (and, for the paper's rule, each pool sample's nearest image).
     eps2 = float(epsilon) ** 2
     chunk_rule = None if knn_chunk is None else (k, knn_chunk, eps2)
-    first, columns = _search(x, pool, width, offset=offset, memory_budget=memory_budget, group=group, column_min=k is None,
-                             progress=progress, chunk_rule=chunk_rule)
+    first, columns = _search(x, pool, width, offset=offset, memory_budget=memory_budget, group=group, progress=progress,
+                             paper_rule=eps2 if k is None else None, chunk_rule=chunk_rule)
     rejected_all, first, fallback = _reject(x, pool, first, columns, eps2=eps2, k=k, per_chunk=knn_chunk is not None, offset=offset,
                                             pool_size=m, memory_budget=memory_budget, group=group)
     index, sq, unmatched, again = _select(x, pool, first, rejected_all, offset=offset, candidates=width, memory_budget=memory_budget, group=group)

@@ -62,7 +62,7 @@ def test_match_equals_brute_force(knn_ignore, knn_chunk):
         y = torch.cat([y, y[::3]])                                  # exact ties; 200 samples, the last chunk shorter
         for epsilon in (0.7, 1.0, 1.2):                             # distances of unit vectors in 12-D: ~0.6 to ~1.8
             found = assert_matches_brute_force(x, y, epsilon, knn_ignore, knn_chunk)
-            assert_matches_brute_force(x, y, epsilon, knn_ignore, knn_chunk, candidates=knn_ignore or 1, memory_budget=1 << 14)
+            assert_matches_brute_force(x, y, epsilon, knn_ignore, knn_chunk, candidates=knn_ignore or 1, memory_budget=1 << 15)
         assert found.num_rejected > 0
 
 

@@ -284,13 +284,13 @@ def _all_gather(t: torch.Tensor, group) -> list:
     return parts
 
 
-def _rerank(x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _rerank(x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor, block_bytes: int = 8 << 20) -> torch.Tensor:
     """Squared distances sum((x_i - pool_j)^2) in float64 for the pool rows idx [r, K] of each query x [r, d],
-    in row blocks of about 8 MB through reused buffers (fresh large buffers cost page faults on a CPU)."""
+    in row blocks of about block_bytes through reused buffers (fresh large buffers cost page faults on a CPU)."""
     r, K = idx.shape
     d = x.shape[1]
     out = torch.empty([r, K], dtype=torch.float64, device=x.device)
-    step = max(1, (8 << 20) // max(1, K * d * 8))
+    step = max(1, block_bytes // max(1, K * d * 8))
     gathered = torch.empty([min(step, r) * K, d], dtype=pool.dtype, device=x.device)
     diff = torch.empty([min(step, r), K, d], dtype=torch.float64, device=x.device)
     x64 = x.to(torch.float64)
@@ -434,7 +434,9 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
 
     # Exact re-ranking; the bound on everything not listed.
     valid = torch.isfinite(vals)
-    sq = torch.where(valid, _rerank(x, pool, idx.clamp(min=0)), torch.full(vals.shape, math.inf, dtype=torch.float64, device=device))
+    block_bytes = 8 << 20 if device.type == 'cpu' else max(8 << 20, memory_budget // 4)    # cache-sized on a CPU, fewer kernels on a GPU
+    sq = torch.where(valid, _rerank(x, pool, idx.clamp(min=0), block_bytes),
+                     torch.full(vals.shape, math.inf, dtype=torch.float64, device=device))
     idx = torch.where(valid, idx + offset, torch.full_like(idx, -1))
     sq, idx = _sort_pairs(sq, idx)
     available = c if mask is None else int(c - mask.sum())

@@ -28,13 +28,14 @@ or, at the first selection, takes its nearest sample with the rejection ignored.
 Search: exact nearest neighbours by blocked matrix products, never an n x m matrix. One pass over the
 pool computes float32 squared distances block by block (one GEMM per block on augmented vectors
 [-2x, 1, |x|^2] . [y, |y|^2, 1], both centred on the data mean) and keeps each image's `candidates`
-nearest; the paper's rule also keeps each pool sample's nearest image distance. The candidates are then
+nearest. In the same pass the paper's rule finds each pool sample's nearest image and the per-chunk rule
+its removals, and samples known to be removed are left out of the candidates. The candidates are then
 re-ranked with float64 distances computed as sum((x - y)^2), which define every result, and certified
 against a rigorous bound on the float32 error (which grows with the features' norms: centring keeps it
 small for features far from the origin). An image whose answer is not certified, or whose candidates
-were all rejected, is searched again, alone with the others of its kind: masked, in float64, with twice
-the candidates, until certified. So the results equal brute force on float64 distances, and the second
-pass costs what those rare images cost. Block sizes follow a memory budget (default_memory_budget).
+were all removed, is searched again with the others of its kind: masked, in float64, with twice the
+candidates, until certified. So the results equal brute force on float64 distances, and a second pass
+costs what those images cost. Block sizes follow a memory budget (default_memory_budget).
 
 Distributed (torch.distributed initialised): every rank calls select_latents (or match) the same way;
 each decodes and searches its slice of the pool; candidates are merged exactly; every rank returns the
@@ -57,7 +58,7 @@ FEATURES = ('pixels', 'lpips')
 Progress = Callable[[str, int, int], None]     # progress(stage, done, total); stage 'decode' or 'search'
 
 # A selection's randomness comes from one seed s < 2^62: latents from s + chunk, the decoder's noise from
-# (s ^ NOISE_SALT) + pool index, the jitter from s ^ JITTER_SALT: three streams that never share a seed.
+# (s ^ NOISE_SALT) + pool index, the jitter from s ^ JITTER_SALT: three separate streams.
 NOISE_SALT = 0x2A4E4F4953455F5F
 JITTER_SALT = 0x154A49545445525F
 
@@ -486,14 +487,14 @@ def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
         pool: [c, d] this rank's pool features; their global indices start at `offset`.
         k: Neighbours wanted; fewer where the pool (less `mask`) is smaller.
         mask: [c] bool, pool samples to ignore.
-        candidates: Neighbours kept per query in the first pass (default k + 8).
+        candidates: Neighbours kept per query in the first pass (default k + 8, at least k + 1).
         memory_budget: Bytes for distance blocks (default_memory_budget).
         group: torch.distributed group (None = the default one if initialised; False = this process only).
     Returns:
         Candidates whose first k entries are certified.
     """
     memory_budget = memory_budget or default_memory_budget(queries.device)
-    width = max(k, candidates or k + 8)
+    width = max(k + 1, candidates or k + 8)                            # the bound comes from the last kept: one more than k
     result, _ = _search(queries, pool, width, mask=mask, offset=offset, memory_budget=memory_budget, group=group)
     position = torch.full([queries.shape[0]], k - 1, dtype=torch.int64, device=queries.device)
     todo = ~_certified(result, position)
@@ -529,8 +530,8 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
         knn_ignore: k of RS-IMLE's rule, or None for the paper's rule.
         knn_chunk: RS-IMLE's rule per database of this many pool samples, as its code runs it (1024);
             None = over the whole pool. offset must be a multiple of it.
-        candidates: Nearest samples kept per image in the one pass (default 2 k + 8, or 16 for knn_ignore=None);
-            more make a second pass rarer and the one pass a little slower.
+        candidates: Nearest samples kept per image in the one pass (default 2 k + 8, or 16 for knn_ignore=None;
+            at least k + 1); more make a second pass rarer and the one pass a little slower.
         memory_budget: Bytes for the distance blocks (default_memory_budget).
         progress: Called as progress('search', done, total) over the pool.
         group: torch.distributed group (None = the default one if initialised; False = this process only).
@@ -562,7 +563,7 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
     k = knn_ignore
     width = candidates or (2 * k + 8 if k is not None else 16)
     if k is not None:
-        width = max(width, k)
+        width = max(width, k + 1)
 
     # One pass: each image's `width` nearest (and, for the paper's rule, each pool sample's nearest image).
     eps2 = float(epsilon) ** 2

@@ -247,3 +247,18 @@ def test_two_processes_train_as_one(tmp_path, vgg16_cache):
         a, b = (snapshot.load_generator(str(run_dir / 'snapshot-epoch-000002.pt'), ema=ema)(z) for run_dir in runs.values())
         assert (a - b).abs().max() < 1e-3, (ema, (a - b).abs().max())
         assert (a - initial).abs().max() > 2e-2, ema             # training moved the images 20x more than the runs differ
+
+
+@pytest.mark.parametrize('name', sorted(PAPER))
+def test_every_config_has_a_smoke_whose_generator_runs(tmp_path, name):
+    """The smoke of every config (its mapper as the paper has it, the tiny decoder of its block type) builds and
+    generates; the whole smoke runs in test_smoke_runs_on_a_folder_and_on_a_zip_and_resumes for the few-shot ones."""
+    data = write_dataset(str(tmp_path / 'data'), count=2, resolution=16)
+    code, out = _invoke('--config', name, '--data', data, '--outdir', tmp_path / 'runs', '--smoke', '--dry-run')
+    assert code == 0, out
+    options = json.loads(out[out.index('Training options:') + len('Training options:'):out.index('\n}\n') + 2])
+    assert options['G_kwargs']['decoder_kwargs'] == train.SMOKE_SETTINGS['decoder_kwargs'] and options['total_epochs'] == options['epochs_per_tick']
+    G = networks.Generator(**options['G_kwargs'])
+    images = G(torch.randn([2, G.z_dim]), generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert G.init_kwargs['decoder'] == PAPER[name][0] and G.init_kwargs['mapper'] == PAPER[name][1]

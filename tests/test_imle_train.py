@@ -128,9 +128,11 @@ def test_dry_run_prints_the_options_and_the_run_name(tmp_path):
         (['--config', 'fewshot-imle-rtm', '--betas', '0.5'], 'not two numbers'),
         (['--config', 'cifar10-stylegan2-rtm'], 'is a StyleGAN2-ADA config .*`rtm-mapping train --config cifar10-stylegan2-rtm'),
         (['--config', 'nonesuch'], 'no such config file or built-in config. Built-in: celebahq256-imle-mlp'),
+        (['--config', 'fewshot-imle-rtm', '--decoder-kwargs', '{"depth": 3}'], 'invalid generator options: unknown decoder option.*depth'),
+        (['--config', 'fewshot-imle-rtm', '--data', tmp_path / 'nowhere'], 'nowhere: no such folder or zip'),
         ([], 'pass --config NAME'),
     ]:
-        code, out = _invoke(*args, '--data', data, '--outdir', tmp_path / 'runs', '--dry-run')
+        code, out = _invoke('--data', data, *args, '--outdir', tmp_path / 'runs', '--dry-run')
         assert code != 0 and re.search(message, out), (args, out)
 
 

@@ -225,6 +225,17 @@ def _easydict(value):
     return value
 
 
+def check_generator(G_kwargs: dict) -> None:
+    """Refuse generator options networks.Generator would refuse, without building the decoder's weights (the
+    mapper is built on the CPU: RTM's fixed carry needs a real device on torch 2.1; the decoder on the meta device)."""
+    try:
+        networks.build_mapper(G_kwargs['mapper'], G_kwargs['z_dim'], G_kwargs['w_dim'], G_kwargs['mapper_kwargs'])
+        with torch.device('meta'):
+            networks.Decoder(G_kwargs['w_dim'], **networks.decoder_architecture(G_kwargs['decoder'], G_kwargs['decoder_kwargs']))
+    except (TypeError, ValueError) as err:
+        raise click.ClickException(f'invalid generator options: {err}') from err
+
+
 def _get(options: dict, dotted: str):
     for part in dotted.split('.'):
         options = options[part]
@@ -380,6 +391,10 @@ def train(ctx, config_name, data, outdir, resume, smoke, snap, seed, subset, bat
             raise click.ClickException(f'{resume} is at epoch {progress["epoch"]} of {c.total_epochs}: nothing to do. '
                                        'Pass --epochs N to train on.')
         c.resume = os.path.abspath(resume)
+
+    # Check what can fail before anything is created: the data, the generator's options.
+    dataset.image_files(c.dataset_kwargs.path)
+    check_generator(c.G_kwargs)
 
     # Pick output directory.
     run_dir = [_next_run_dir(outdir, desc) if rank == 0 else None]

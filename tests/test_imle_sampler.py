@@ -3,6 +3,7 @@
 import datetime
 import json
 import os
+import traceback
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from rtm_mapping.imle.networks import Generator
 #----------------------------------------------------------------------------
 # The reference: every distance at once, the rule of the module docstring written out.
 
-def brute_force(x, y, epsilon, knn_ignore):
+def brute_force(x, y, epsilon, knn_ignore, knn_chunk=None):
     """(index, unmatched, rejected) from the full [n, m] float64 distance matrix."""
     d2 = (x.double()[:, None, :] - y.double()[None, :, :]).square().sum(dim=2)
     order = d2.sort(dim=1, stable=True).indices                    # by distance, ties by pool index
@@ -24,8 +25,11 @@ def brute_force(x, y, epsilon, knn_ignore):
         rejected = (d2 < epsilon ** 2).any(dim=0)
     else:
         rejected = torch.zeros([y.shape[0]], dtype=torch.bool)
-        for i, nearest in enumerate(order[:, :knn_ignore]):
-            rejected[nearest[d2[i, nearest] < epsilon ** 2]] = True
+        chunk = knn_chunk or y.shape[0]
+        for start in range(0, y.shape[0], chunk):
+            part = d2[:, start:start + chunk]
+            for i, nearest in enumerate(part.sort(dim=1, stable=True).indices[:, :knn_ignore]):
+                rejected[start + nearest[part[i, nearest] < epsilon ** 2]] = True
     index = torch.empty([x.shape[0]], dtype=torch.int64)
     unmatched = torch.zeros([x.shape[0]], dtype=torch.bool)
     for i, row in enumerate(order):
@@ -35,9 +39,9 @@ def brute_force(x, y, epsilon, knn_ignore):
     return index, unmatched, rejected
 
 
-def assert_matches_brute_force(x, y, epsilon, knn_ignore, **kwargs):
-    found = sampler.match(x, y, epsilon=epsilon, knn_ignore=knn_ignore, **kwargs)
-    index, unmatched, rejected = brute_force(x, y, epsilon, knn_ignore)
+def assert_matches_brute_force(x, y, epsilon, knn_ignore, knn_chunk=None, **kwargs):
+    found = sampler.match(x, y, epsilon=epsilon, knn_ignore=knn_ignore, knn_chunk=knn_chunk, **kwargs)
+    index, unmatched, rejected = brute_force(x, y, epsilon, knn_ignore, knn_chunk)
     assert torch.equal(found.rejected, rejected)
     assert torch.equal(found.unmatched, unmatched)
     assert torch.equal(found.index, index)
@@ -51,15 +55,25 @@ def unit(n, d, seed):
 
 #----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('knn_ignore', [1, 5, None])
-def test_match_equals_brute_force(knn_ignore):
+@pytest.mark.parametrize('knn_ignore, knn_chunk', [(1, None), (5, None), (None, None), (1, 16), (3, 32)])
+def test_match_equals_brute_force(knn_ignore, knn_chunk):
     for seed in range(4):
         x, y = unit(20, 12, 2 * seed), unit(150, 12, 2 * seed + 1)
-        y = torch.cat([y, y[::3]])                                  # exact ties
+        y = torch.cat([y, y[::3]])                                  # exact ties; 200 samples, the last chunk shorter
         for epsilon in (0.7, 1.0, 1.2):                             # distances of unit vectors in 12-D: ~0.6 to ~1.8
-            found = assert_matches_brute_force(x, y, epsilon, knn_ignore)
-            assert_matches_brute_force(x, y, epsilon, knn_ignore, candidates=knn_ignore or 1, memory_budget=1 << 14)
+            found = assert_matches_brute_force(x, y, epsilon, knn_ignore, knn_chunk)
+            assert_matches_brute_force(x, y, epsilon, knn_ignore, knn_chunk, candidates=knn_ignore or 1, memory_budget=1 << 14)
         assert found.num_rejected > 0
+
+
+def test_per_chunk_rule_removes_more_than_k_per_image():
+    x, y = unit(3, 6, 30), unit(30, 6, 31)
+    near = x[0] + 0.01 * unit(12, 6, 32)                            # 12 samples within epsilon of image 0, 4 per chunk of 10
+    pool = torch.cat([y[:6], near[:4], y[6:12], near[4:8], y[12:18], near[8:]])
+    whole = assert_matches_brute_force(x, pool, 0.1, 2)
+    chunked = assert_matches_brute_force(x, pool, 0.1, 2, knn_chunk=10)
+    paper = assert_matches_brute_force(x, pool, 0.1, None)
+    assert whole.num_rejected == 2 and chunked.num_rejected == 6 and paper.num_rejected == 12
 
 
 def test_ties_take_the_lower_pool_index():
@@ -130,6 +144,8 @@ def test_bad_inputs_are_refused():
         sampler.match(x, y, epsilon=0.1, knn_ignore=0)
     with pytest.raises(ValueError, match='finite'):
         sampler.match(x, y * float('nan'), epsilon=0.1, knn_ignore=5)
+    with pytest.raises(ValueError, match='knn_chunk'):
+        sampler.match(x, y, epsilon=0.1, knn_ignore=5, knn_chunk=4, offset=2)
     with pytest.raises(ValueError, match='same dim'):
         sampler.match(x, unit(5, 3, 1), epsilon=0.1, knn_ignore=5)
 
@@ -245,6 +261,9 @@ def test_unmatched_images_keep_their_previous_latents():
 #----------------------------------------------------------------------------
 # Distributed: two gloo processes on the CPU.
 
+RULES = ((5, None), (None, None), (2, 50))     # (knn_ignore, knn_chunk); 50 divides each rank's offset
+
+
 def _distributed_worker(rank, world, store, out):
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world,
@@ -253,18 +272,22 @@ def _distributed_worker(rank, world, store, out):
         results = dict()
         x, y = unit(25, 12, 20), unit(300, 12, 21)
         lo, hi = 300 * rank // world, 300 * (rank + 1) // world
-        for knn_ignore in (5, None):
-            found = sampler.match(x, y[lo:hi], epsilon=1.0, knn_ignore=knn_ignore, offset=lo, candidates=6)
-            results[knn_ignore] = found._asdict()
+        for knn_ignore, knn_chunk in RULES:
+            found = sampler.match(x, y[lo:hi], epsilon=1.0, knn_ignore=knn_ignore, knn_chunk=knn_chunk, offset=lo, candidates=6)
+            results[knn_ignore, knn_chunk] = found._asdict()
         G = tiny_generator()
         features = sampler.PixelFeatures(img_resolution=8, dim=16, seed=2)
         data = sampler.compute_features(features, tiny_data(), batch_size=12, device='cpu')
         results['z'], results['stats'] = sampler.select_latents(
-            G, data, pool_size=64, features=features, epsilon=1.1, knn_ignore=5, batch_size=16, jitter_std=1e-3,
+            G, data, pool_size=2048, features=features, epsilon=1.1, knn_ignore=5, batch_size=256, jitter_std=1e-3,
             generator=torch.Generator().manual_seed(100 + rank), device='cpu')     # rank 0's seed is used
         torch.save(results, os.path.join(out, f'rank{rank}.pt'))
-    finally:
-        torch.distributed.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    # No destroy_process_group(): torch 2.1's ProcessGroupGloo destructor joins its worker thread while
+    # holding the GIL, and that thread may still need the GIL to free the last collective's tensors.
+    os._exit(0)
 
 
 def test_two_processes_select_what_one_selects(tmp_path):
@@ -278,18 +301,19 @@ def test_two_processes_select_what_one_selects(tmp_path):
         pytest.fail('the two gloo workers did not finish')
     ranks = [torch.load(str(tmp_path / f'rank{r}.pt'), weights_only=False) for r in range(2)]
     x, y = unit(25, 12, 20), unit(300, 12, 21)
-    for knn_ignore in (5, None):
-        index, unmatched, rejected = brute_force(x, y, 1.0, knn_ignore)
+    for knn_ignore, knn_chunk in RULES:
+        index, unmatched, rejected = brute_force(x, y, 1.0, knn_ignore, knn_chunk)
         for r, result in enumerate(ranks):
-            found = result[knn_ignore]
+            found = result[knn_ignore, knn_chunk]
             assert torch.equal(found['index'], index) and torch.equal(found['unmatched'], unmatched)
             assert torch.equal(found['rejected'], rejected[150 * r:150 * (r + 1)])          # its own slice
             assert found['num_rejected'] == int(rejected.sum()) > 0 and found['pool_size'] == 300
     G = tiny_generator()
     features = sampler.PixelFeatures(img_resolution=8, dim=16, seed=2)
     data = sampler.compute_features(features, tiny_data(), batch_size=12, device='cpu')
-    z, stats = sampler.select_latents(G, data, pool_size=64, features=features, epsilon=1.1, knn_ignore=5, batch_size=16,
+    z, stats = sampler.select_latents(G, data, pool_size=2048, features=features, epsilon=1.1, knn_ignore=5, batch_size=256,
                                       jitter_std=1e-3, generator=torch.Generator().manual_seed(100), device='cpu')
     for result in ranks:
         assert torch.equal(result['z'], z)
         assert result['stats']['pool_seed'] == stats['pool_seed'] and result['stats']['rejected'] == stats['rejected']
+        assert result['stats']['decoded'] == 1024                   # each rank decoded its half of the pool

@@ -11,11 +11,13 @@
 loop's) and trains G(z_i) toward x_i with the loss of rtm_mapping.imle.loss.
 
 The rejection rule, on Euclidean distances d(i, j) = ||phi(x_i) - phi(G(z~_j))||, strict inequality:
-    knn_ignore = k     RS-IMLE's code: for each training image i, take its k nearest pool samples
-                       (ties: lower pool index first); those with d(i, j) < epsilon are removed. A pool
-                       sample is removed if it is so for any image. (RS-IMLE's code applies this per
-                       database of 1024 pool samples, imle_db_size, so it removes up to k per image per
-                       1024 samples; here the k nearest are taken over the whole pool.)
+    knn_ignore = k     for each training image i, its k nearest pool samples (ties: lower pool index
+                       first) with d(i, j) < epsilon are removed; a sample is removed if it is so for any
+                       image. With knn_chunk = C, the k nearest are taken in each run of C pool samples
+                       (indices C q ... C q + C - 1), as RS-IMLE's code does with its databases of
+                       imle_db_size = 1024 samples: then up to k per image per chunk go, which, unless
+                       more than k samples of one chunk lie within epsilon of one image, is the paper's
+                       rule. knn_chunk = None takes the k nearest over the whole pool.
     knn_ignore = None  the paper's words (§3.1): every pool sample closer than epsilon to some training
                        image is removed.
     epsilon = 0        removes nothing: plain IMLE.
@@ -301,11 +303,59 @@ def _rerank(x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     return out
 
 
+class _Columns(NamedTuple):
+    """What a pass learns about this rank's pool samples (not merged across ranks)."""
+    colmin: Optional[torch.Tensor]      # [c] smallest approximate squared distance to a query (column_min)
+    err: torch.Tensor                   # 0-d float64: a bound on every approximate distance's error
+    rejected: Optional[torch.Tensor]    # [c] bool: removed by the per-chunk rule (chunk_rule)
+
+
+def _error_bound(x_norm, x_raw_norm, y_norm, mu_norm, width: int, d: int, dtype) -> torch.Tensor:
+    """A bound on |s - sum((x - y)^2)| for an approximate squared distance s of queries with centred norms
+    x_norm (raw norms x_raw_norm) to pool samples of centred norms <= y_norm, all float64.
+
+    The float32 error is at most (gamma_width + gamma_d + 2u) (|x - mu| + |y - mu|)^2 (GEMM, squared norms,
+    centring), plus the float64 re-ranking's gamma_d (|x| + |y|)^2 with |y| <= |y - mu| + |mu|; twice that
+    is returned, and 1e-4 more for the norms' own rounding."""
+    u = torch.finfo(dtype).eps / 2
+    return 2 * (1 + 1e-4) ** 2 * ((_gamma(width, dtype) + _gamma(d, dtype) + 2 * u) * (x_norm + y_norm) ** 2
+                                  + _gamma(d, torch.float64) * (x_raw_norm + y_norm + mu_norm) ** 2)
+
+
+def _chunk_rule(s, err, rule, rejected, pairs, redo, r0: int, c0: int) -> None:
+    """RS-IMLE's per-database rule on one distance block s [rows, cols] (queries r0..., samples c0...,
+    cols a multiple of the chunk but at the pool's end): each query's k nearest of each chunk, those within
+    epsilon removed. Decided here from the float32 values where their error (err [rows]) allows; else the
+    pair (query, sample) goes to `pairs` or the pair (query, chunk) to `redo`, for exact distances later."""
+    k, size, eps2 = rule
+    rows, cols = s.shape
+    e = err[:, None, None]
+    full = cols // size * size
+    parts = [(0, s[:, :full].reshape(rows, full // size, size))] if full else []
+    if cols > full:
+        parts.append((full, s[:, full:].reshape(rows, 1, cols - full)))     # the pool's last, shorter chunk
+    for base, part in parts:                                            # part: [rows, chunks, length]
+        length = part.shape[2]
+        v, j = part.topk(min(k + 1, length), dim=2, largest=False, sorted=True)
+        top = v[..., :k]
+        maybe, sure = top < eps2 + e, top + e < eps2
+        settled = (v[..., k - 1] + e[..., 0] < v[..., k] - e[..., 0]) if length > k else torch.ones_like(maybe[..., 0])
+        sample = c0 + base + torch.arange(part.shape[1], device=s.device)[None, :, None] * length + j[..., :k]
+        rejected[sample[sure & settled[..., None]]] = True
+        query = r0 + torch.arange(rows, device=s.device)[:, None, None].expand_as(sample)
+        unsure = maybe & ~sure & settled[..., None]
+        pairs.append(torch.stack([query[unsure], sample[unsure]]))
+        again = ~settled & maybe.any(dim=2)
+        chunk = c0 + base + torch.arange(part.shape[1], device=s.device)[None, :] * length
+        redo.append(torch.stack([query[..., 0][again], chunk.expand(rows, -1)[again], torch.full_like(chunk, length).expand(rows, -1)[again]]))
+
+
 def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional[torch.Tensor], offset: int, dtype: torch.dtype,
-                  memory_budget: int, column_min: bool, progress: Optional[Progress]):
+                  memory_budget: int, column_min: bool, progress: Optional[Progress], chunk_rule=None):
     """One blocked pass of queries x [r, d] over this process's pool [c, d]: each query's k nearest,
-    re-ranked exactly, with a certified bound; and, if column_min, each pool sample's smallest
-    (approximate) squared distance to a query with its error bound. mask [c] bool: excluded samples."""
+    re-ranked exactly, with a certified bound; if column_min, each pool sample's smallest approximate
+    squared distance to a query; if chunk_rule = (k, chunk, epsilon^2), the samples RS-IMLE's per-chunk
+    rule removes (offset a multiple of the chunk). mask [c] bool: excluded samples."""
     r, d = x.shape
     c = pool.shape[0]
     device = x.device
@@ -313,6 +363,8 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
     vals = torch.full([r, kk], math.inf, dtype=dtype, device=device)
     idx = torch.full([r, kk], -1, dtype=torch.int64, device=device)
     colmin = torch.full([c], math.inf, dtype=dtype, device=device) if column_min else None
+    rejected = torch.zeros([c], dtype=torch.bool, device=device) if chunk_rule else None
+    pairs, redo = [], []
 
     # Augmented vectors, centred on the queries' mean: [-2 x, 1, |x|^2] . [y, |y|^2, 1] = |x - y|^2,
     # padded with zeros to a multiple of 8.
@@ -321,8 +373,12 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
     xc = x.to(dtype) - mu
     xa = torch.zeros([r, width], dtype=dtype, device=device)
     xa[:, :d], xa[:, d], xa[:, d + 1] = -2 * xc, 1, xc.square().sum(dim=1)
+    x_norm, x_raw_norm = xa[:, d + 1].to(torch.float64).sqrt(), x.norm(dim=1).to(torch.float64)
+    mu_norm = mu.to(torch.float64).norm()
     y_norm = torch.zeros([], dtype=dtype, device=device)               # max |y - mu| over the pool
     row_block, col_block = search_blocks(r, c, d, memory_budget=memory_budget, element_size=torch.finfo(dtype).bits // 8)
+    if chunk_rule:
+        col_block = max(chunk_rule[1], col_block // chunk_rule[1] * chunk_rule[1])
     ya_buffer = torch.empty([min(col_block, c) * width], dtype=dtype, device=device)
     s_buffer = torch.empty([min(row_block, r) * min(col_block, c)], dtype=dtype, device=device)
 
@@ -333,7 +389,8 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
             ya = ya_buffer[:cols * width].view(cols, width)
             torch.sub(y.to(dtype), mu, out=ya[:, :d])
             ya[:, d], ya[:, d + 1], ya[:, d + 2:] = torch.linalg.vector_norm(ya[:, :d], dim=1).square(), 1, 0
-            y_norm = torch.maximum(y_norm, ya[:, d].max().sqrt())
+            block_norm = ya[:, d].max().sqrt()
+            y_norm = torch.maximum(y_norm, block_norm)
             excluded = None if mask is None else mask[c0:c0 + cols]
             for r0 in range(0, r, row_block):
                 rows = min(row_block, r - r0)
@@ -342,22 +399,29 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
                     s.masked_fill_(excluded, math.inf)
                 if colmin is not None:
                     torch.minimum(colmin[c0:c0 + cols], s.amin(dim=0), out=colmin[c0:c0 + cols])
+                if chunk_rule:
+                    err = _error_bound(x_norm[r0:r0 + rows], x_raw_norm[r0:r0 + rows], block_norm.to(torch.float64), mu_norm, width, d, dtype)
+                    _chunk_rule(s, err.to(dtype), chunk_rule, rejected, pairs, redo, r0, c0)
                 v, j = s.topk(min(kk, cols), dim=1, largest=False, sorted=False)
                 v, j = torch.cat([vals[r0:r0 + rows], v], dim=1), torch.cat([idx[r0:r0 + rows], j + c0], dim=1)
                 best = v.topk(kk, dim=1, largest=False, sorted=False).indices
                 vals[r0:r0 + rows], idx[r0:r0 + rows] = v.gather(1, best), j.gather(1, best)
             if progress is not None:
                 progress('search', c0 + cols, c)
+    err = _error_bound(x_norm, x_raw_norm, y_norm.to(torch.float64), mu_norm, width, d, dtype)
 
-    # The float32 error of an approximate squared distance, |s - sum((x - y)^2)|, is at most
-    # (gamma_width + gamma_d + 2u) (|x - mu| + |y - mu|)^2 (GEMM, squared norms, centring) plus the
-    # float64 re-ranking's gamma_d (|x| + |y|)^2; twice that is used, and 1e-4 more for the norms' own rounding.
-    x_norm = xa[:, d + 1].to(torch.float64).sqrt()
-    x_raw_norm = x.norm(dim=1).to(torch.float64)
-    y_raw_norm = y_norm.to(torch.float64) + mu.to(torch.float64).norm()    # |y| <= |y - mu| + |mu|
-    u = torch.finfo(dtype).eps / 2
-    err = 2 * (1 + 1e-4) ** 2 * ((_gamma(width, dtype) + _gamma(d, dtype) + 2 * u) * (x_norm + y_norm.to(torch.float64)) ** 2
-                                 + _gamma(d, torch.float64) * (x_raw_norm + y_raw_norm) ** 2)
+    # The per-chunk rule where the float32 values could not decide: exact distances.
+    if chunk_rule:
+        k_rule, _, eps2 = chunk_rule
+        pairs = torch.cat(pairs, dim=1) if pairs else torch.zeros([2, 0], dtype=torch.int64, device=device)
+        if pairs.shape[1]:
+            exact = _rerank(x[pairs[0]], pool, pairs[1][:, None])[:, 0]
+            rejected[pairs[1][exact < eps2]] = True
+        for query, start, length in (torch.cat(redo, dim=1).t().tolist() if redo else []):
+            members = torch.arange(start, start + length, device=device)[None]
+            sq, members = _sort_pairs(_rerank(x[query:query + 1], pool, members), members)
+            nearest_k = members[0, :k_rule]
+            rejected[nearest_k[sq[0, :k_rule] < eps2]] = True
 
     # Exact re-ranking; the bound on everything not listed.
     valid = torch.isfinite(vals)
@@ -369,14 +433,15 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
         bound = torch.full([r], math.inf, dtype=torch.float64, device=device)
     else:
         bound = vals.max(dim=1).values.to(torch.float64) - err          # the kk-th smallest approximate distance, minus its error
-    column = None if colmin is None else (colmin, err.max() if r else torch.zeros([], dtype=torch.float64, device=device))
-    return _pad(Candidates(sq, idx, bound), k), column
+    columns = _Columns(colmin, err.max() if r else torch.zeros([], dtype=torch.float64, device=device), rejected)
+    return _pad(Candidates(sq, idx, bound), k), columns
 
 
-def _search(x, pool, k, *, mask=None, offset=0, dtype=torch.float32, memory_budget, group=None, column_min=False, progress=None):
+def _search(x, pool, k, *, mask=None, offset=0, dtype=torch.float32, memory_budget, group=None, column_min=False, progress=None,
+            chunk_rule=None):
     """_local_search on every rank, merged: each query's k nearest over the whole pool (all ranks)."""
     local, column = _local_search(x, pool, k, mask=mask, offset=offset, dtype=dtype, memory_budget=memory_budget,
-                                  column_min=column_min, progress=progress)
+                                  column_min=column_min, progress=progress, chunk_rule=chunk_rule)
     if not _distributed(group):
         return local, column
     sq = torch.cat(_all_gather(local.sq_dist, group), dim=1)
@@ -441,8 +506,9 @@ class Match(NamedTuple):
     pool_size: int              # m, all ranks
 
 
-def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: float, knn_ignore: Optional[int], offset: int = 0,
-          candidates: Optional[int] = None, memory_budget: Optional[int] = None, progress: Optional[Progress] = None, group=None) -> Match:
+def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: float, knn_ignore: Optional[int], knn_chunk: Optional[int] = None,
+          offset: int = 0, candidates: Optional[int] = None, memory_budget: Optional[int] = None, progress: Optional[Progress] = None,
+          group=None) -> Match:
     """Steps 4-5: the rejection rule (module docstring) and each image's nearest remaining pool sample.
 
     Args:
@@ -450,6 +516,8 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
         pool_features: [c, d] phi of this rank's pool samples, whose global indices start at `offset`.
         epsilon: Rejection radius (>= 0; 0 rejects nothing).
         knn_ignore: k of RS-IMLE's rule, or None for the paper's rule.
+        knn_chunk: RS-IMLE's rule per database of this many pool samples, as its code runs it (1024);
+            None = over the whole pool. offset must be a multiple of it.
         candidates: Nearest samples kept per image in the one pass (default 2 k + 8, or 16 for knn_ignore=None);
             more make a second pass rarer and the one pass a little slower.
         memory_budget: Bytes for the distance blocks (default_memory_budget).
@@ -467,6 +535,8 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
         raise ValueError(f'epsilon must be a number >= 0, got {epsilon!r}')
     if knn_ignore is not None and not (isinstance(knn_ignore, int) and knn_ignore >= 1):
         raise ValueError(f'knn_ignore must be a positive integer (RS-IMLE\'s rule) or None (the paper\'s rule), got {knn_ignore!r}')
+    if knn_chunk is not None and not (isinstance(knn_chunk, int) and knn_chunk >= 1 and knn_ignore is not None and offset % knn_chunk == 0):
+        raise ValueError(f'knn_chunk must be a positive integer dividing offset={offset}, with knn_ignore set; got {knn_chunk!r}')
     device = data_features.device
     x = data_features.to(torch.float32)
     pool = pool_features.to(device=device, dtype=torch.float32)
@@ -484,23 +554,32 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
         width = max(width, k)
 
     # One pass: each image's `width` nearest (and, for the paper's rule, each pool sample's nearest image).
-    first, column = _search(x, pool, width, offset=offset, memory_budget=memory_budget, group=group, column_min=k is None, progress=progress)
-    rejected_all, first, fallback = _reject(x, pool, first, column, eps2=float(epsilon) ** 2, k=k, offset=offset, pool_size=m,
-                                            memory_budget=memory_budget, group=group)
+    eps2 = float(epsilon) ** 2
+    chunk_rule = None if knn_chunk is None else (k, knn_chunk, eps2)
+    first, columns = _search(x, pool, width, offset=offset, memory_budget=memory_budget, group=group, column_min=k is None,
+                             progress=progress, chunk_rule=chunk_rule)
+    rejected_all, first, fallback = _reject(x, pool, first, columns, eps2=eps2, k=k, per_chunk=knn_chunk is not None, offset=offset,
+                                            pool_size=m, memory_budget=memory_budget, group=group)
     index, sq, unmatched, again = _select(x, pool, first, rejected_all, offset=offset, candidates=width, memory_budget=memory_budget, group=group)
     return Match(index=index, distance=sq.sqrt(), unmatched=unmatched, rejected=rejected_all[offset:offset + c],
                  num_rejected=int(rejected_all.sum()), fallback_rows=int((fallback | again).sum()), pool_size=m)
 
 
-def _reject(x, pool, first: Candidates, column, *, eps2: float, k: Optional[int], offset: int, pool_size: int, memory_budget: int, group):
-    """Step 4, the rule of the module docstring, from the one pass's candidates (first) and, for the
-    paper's rule, its column minima. Returns the removed samples of the whole pool ([pool_size] bool, the
-    same on every rank), the candidates (with certified k nearest for RS-IMLE's rule) and the images
-    that needed a second search."""
+def _reject(x, pool, first: Candidates, columns: _Columns, *, eps2: float, k: Optional[int], per_chunk: bool, offset: int,
+            pool_size: int, memory_budget: int, group):
+    """Step 4, the rule of the module docstring, from the one pass: its candidates (first) and what it
+    found about this rank's samples (columns). Returns the removed samples of the whole pool
+    ([pool_size] bool, the same on every rank), the candidates (with certified k nearest for RS-IMLE's
+    rule over the whole pool) and the images that needed a second search."""
     n, c = x.shape[0], pool.shape[0]
     rejected = torch.zeros([pool_size], dtype=torch.uint8, device=x.device)
     fallback = torch.zeros([n], dtype=torch.bool, device=x.device)
-    if k is not None:
+    if per_chunk:
+        # RS-IMLE's rule per database: decided in the pass, exactly (_chunk_rule).
+        rejected[offset:offset + c] = columns.rejected.to(torch.uint8)
+        if _distributed(group):
+            torch.distributed.all_reduce(rejected, group=group)
+    elif k is not None:
         # RS-IMLE's rule: each image's k nearest (certified; a second search where not) within epsilon.
         fallback = ~_certified(first, torch.full([n], k - 1, dtype=torch.int64, device=x.device))
         if bool(fallback.any()):
@@ -512,7 +591,7 @@ def _reject(x, pool, first: Candidates, column, *, eps2: float, k: Optional[int]
     else:
         # The paper's rule: each of this rank's samples whose nearest image is within epsilon; exactly
         # where the float32 minimum is within its error of epsilon.
-        colmin, err = column
+        colmin, err = columns.colmin, columns.err
         inside = colmin.to(torch.float64) + err < eps2
         unsure = ~inside & (colmin.to(torch.float64) - err < eps2)
         if bool(unsure.any()):
@@ -572,8 +651,8 @@ def _synchronize(device) -> None:
 
 def select_latents(G, data_features: torch.Tensor, *, pool_size: int, features, epsilon: float, knn_ignore: Optional[int],
                    batch_size: int, jitter_std: float, generator: torch.Generator, device, previous: Optional[torch.Tensor] = None,
-                   candidates: Optional[int] = None, memory_budget: Optional[int] = None, progress: Optional[Progress] = None,
-                   group=None) -> Tuple[torch.Tensor, dict]:
+                   knn_chunk: Optional[int] = None, candidates: Optional[int] = None, memory_budget: Optional[int] = None,
+                   progress: Optional[Progress] = None, group=None) -> Tuple[torch.Tensor, dict]:
     """One RS-IMLE selection (§3.1, eq. 1): a fresh pool, decoded, searched, rejected, matched, jittered.
 
     Args:
@@ -588,7 +667,7 @@ def select_latents(G, data_features: torch.Tensor, *, pool_size: int, features, 
         generator: Source of this selection's randomness (one draw; rank 0's is used on every rank).
         device: Where G runs and the search happens.
         previous: [n, z_dim] latents of the last selection, kept for unmatched images; None = their nearest sample.
-        candidates, memory_budget, progress, group: see match().
+        knn_chunk, candidates, memory_budget, progress, group: see match().
     Returns:
         z [n, z_dim] float32 on the CPU, the same on every rank, and stats (plain numbers for stats.jsonl).
     """
@@ -605,7 +684,9 @@ def select_latents(G, data_features: torch.Tensor, *, pool_size: int, features, 
     if world > 1:
         torch.distributed.broadcast(seed, 0, group=group)
     seed = int(seed)
-    lo, hi = pool_size * rank // world, pool_size * (rank + 1) // world
+    align = knn_chunk or POOL_CHUNK                                    # ranks split the pool between chunks
+    chunks = -(-pool_size // align)
+    lo, hi = min(pool_size, chunks * rank // world * align), min(pool_size, chunks * (rank + 1) // world * align)
     latents = pool_latents(seed, pool_size, G.z_dim, lo, hi)
 
     # 2-3. Decode and take features.
@@ -617,7 +698,7 @@ def select_latents(G, data_features: torch.Tensor, *, pool_size: int, features, 
     t1 = time.perf_counter()
 
     # 4-5. Reject and match.
-    found = match(data_features.to(device), pool_features, epsilon=epsilon, knn_ignore=knn_ignore, offset=lo,
+    found = match(data_features.to(device), pool_features, epsilon=epsilon, knn_ignore=knn_ignore, knn_chunk=knn_chunk, offset=lo,
                   candidates=candidates, memory_budget=memory_budget, progress=progress, group=group)
     _synchronize(device)
     t2 = time.perf_counter()
@@ -646,6 +727,7 @@ def select_latents(G, data_features: torch.Tensor, *, pool_size: int, features, 
         rejected_frac        = found.num_rejected / found.pool_size,
         unmatched            = int(unmatched.sum()),                    # images with every sample removed
         fallback_rows        = found.fallback_rows,                     # images searched a second time
+        decoded              = hi - lo,                                 # pool samples this rank decoded
         distance_mean        = float(distance.mean()),                  # d(i, sigma(i)) in feature space
         distance_max         = float(distance.max()),
         decode_sec           = t1 - t0,                                 # this rank's pool slice

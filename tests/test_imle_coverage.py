@@ -17,7 +17,7 @@ from stylegan2_ada_patch.dataset import write_dataset
 
 COVERAGE = dict(decoder='fewshot', decoder_kwargs=dict(width=32, stages=[[4, 1], [8, 1], [16, 1]]), z_dim=32, w_dim=32,
                 epochs=200, reselect=10, batch=4, lr=5e-3, betas=[0.5, 0.999], weight_decay=0.01, lr_warmup=2,
-                lr_decay_epochs=10000, lr_decay=0.5, ema=0.98, force_factor=10, epsilon=0.05, knn_ignore=2, jitter=0.001,
+                lr_decay_epochs=10000, lr_decay=0.5, ema=0.98, force_factor=10, epsilon=0.05, knn_ignore=2, knn_chunk=1024, jitter=0.001,
                 features='pixels', lpips_weight=1.0, mse_weight=1.0)
 MAPPERS = {'rtm': dict(map='rtm', map_h=2, map_l=1), 'mlp': dict(map='mlp', map_depth=8)}
 

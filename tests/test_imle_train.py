@@ -19,7 +19,7 @@ from stylegan2_ada_patch.dataset import write_dataset
 # A generator small enough for seconds of CPU: 16 px, one block per stage, width 16, H=2 (the few-shot block type).
 TINY = dict(decoder='fewshot', decoder_kwargs=dict(width=16, stages=[[1, 1], [4, 1], [8, 1], [16, 1]]), z_dim=32, w_dim=32,
             map='rtm', map_h=2, map_l=1, epochs=4, reselect=2, batch=4, lr=2e-3, betas=[0.5, 0.999], weight_decay=0.01,
-            lr_warmup=2, lr_decay_epochs=3, lr_decay=0.5, ema=0.9, force_factor=1, epsilon=0.05, knn_ignore=2, jitter=0.001,
+            lr_warmup=2, lr_decay_epochs=3, lr_decay=0.5, ema=0.9, force_factor=1, epsilon=0.05, knn_ignore=2, knn_chunk=1024, jitter=0.001,
             features='pixels', lpips_weight=1.0, mse_weight=0.1)
 PAIRS = [('cifar10-imle-rtm', 'cifar10-imle-mlp'), ('celebahq256-imle-rtm', 'celebahq256-imle-mlp'),
          ('fewshot-imle-rtm', 'fewshot-imle-mlp'), ('fewshot-imle-rtm', 'fewshot-imle-rtm-attention')]
@@ -114,7 +114,8 @@ def test_dry_run_prints_the_options_and_the_run_name(tmp_path):
     assert options['G_kwargs'] == dict(decoder='fewshot', mapper='rtm', z_dim=1024, w_dim=1024, decoder_kwargs=None,
                                        mapper_kwargs=dict(steps=8, inner_steps=2, block='mixer', tokens=4, token_dim=128))
     assert options['optimizer_kwargs'] == dict(lr=2e-4, betas=[0.5, 0.999], weight_decay=0.01) and options['epochs_per_tick'] == 30
-    assert options['sampler_kwargs'] == dict(force_factor=10, epsilon=0.1, knn_ignore=5, jitter_std=0.001, features='pixels', batch_size=64)
+    assert options['sampler_kwargs'] == dict(force_factor=10, epsilon=0.1, knn_ignore=5, knn_chunk=1024, jitter_std=0.001,
+                                             features='pixels', batch_size=64)
     assert 'Dry run; exiting.' in out and not (tmp_path / 'runs').exists()
 
     code, out = _invoke('--config', 'fewshot-imle-rtm', '--data', data, '--outdir', tmp_path / 'runs', '--dry-run', '--map', 'mlp', '--lr', '1e-4')

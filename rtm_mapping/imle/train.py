@@ -88,6 +88,7 @@ SETTINGS = {
     'force_factor':    (click.FloatRange(min=1),     'Pool size as a multiple of the number of images'),
     'epsilon':         (click.FloatRange(min=0),     'Rejection radius in the search space'),
     'knn_ignore':      (click.IntRange(min=1),       'Nearest pool samples of each image checked for rejection'),
+    'knn_chunk':       (click.IntRange(min=1),       'Pool samples per database in which the nearest are checked'),
     'jitter':          (click.FloatRange(min=0),     'Std of the Gaussian jitter of the selected latents'),
     'features':        (click.Choice(sampler.FEATURES), 'Search features'),
     # Loss (rtm_mapping.imle.loss).
@@ -200,7 +201,8 @@ def training_options(settings: dict, *, data: str, snap: int, seed: int, batch_g
     c.dataset_kwargs = EasyDict(path=os.path.abspath(os.path.expanduser(data)), max_images=subset)
     c.loss_kwargs = EasyDict(lpips_weight=settings['lpips_weight'], mse_weight=settings['mse_weight'])
     c.sampler_kwargs = EasyDict(force_factor=settings['force_factor'], epsilon=settings['epsilon'], knn_ignore=settings['knn_ignore'],
-                                jitter_std=settings['jitter'], features=settings['features'], batch_size=pool_batch)
+                                knn_chunk=settings['knn_chunk'], jitter_std=settings['jitter'], features=settings['features'],
+                                batch_size=pool_batch)
     c.optimizer_kwargs = EasyDict(lr=settings['lr'], betas=list(settings['betas']), weight_decay=settings['weight_decay'])
     c.lr_warmup_steps = settings['lr_warmup']
     c.lr_decay_epochs = settings['lr_decay_epochs']

@@ -106,7 +106,7 @@ def training_loop(
     dataset_kwargs          = None,     # Training images: dataset.load_images(path, max_images); the resolution is G's.
     G_kwargs                = None,     # Generator: networks.Generator(**G_kwargs).
     loss_kwargs             = None,     # Loss: loss.IMLELoss(**loss_kwargs).
-    sampler_kwargs          = None,     # Re-selection: force_factor, epsilon, knn_ignore, jitter_std, features, batch_size.
+    sampler_kwargs          = None,     # Re-selection: force_factor, epsilon, knn_ignore, knn_chunk, jitter_std, features, batch_size.
     optimizer_kwargs        = None,     # torch.optim.AdamW: lr, betas, weight_decay (0 = Adam).
     lr_warmup_steps         = 0,        # Linear learning-rate warm-up, in optimizer steps.
     lr_decay_epochs         = 4000,     # Epochs between learning-rate drops.
@@ -226,7 +226,8 @@ def training_loop(
         # 1. Select: pair every training image with a latent (§3.1 eq. (1), with RS-IMLE's rejection).
         latents, select_stats = sampler.select_latents(
             G, data_features, pool_size=pool_size, features=features, epsilon=sampler_kwargs['epsilon'],
-            knn_ignore=sampler_kwargs['knn_ignore'], batch_size=sampler_kwargs['batch_size'], jitter_std=sampler_kwargs['jitter_std'],
+            knn_ignore=sampler_kwargs['knn_ignore'], knn_chunk=sampler_kwargs['knn_chunk'], batch_size=sampler_kwargs['batch_size'],
+            jitter_std=sampler_kwargs['jitter_std'],
             generator=select_rng, device=device, previous=latents, progress=_progress_bars(cur_tick + 1) if bar else None)
         select_sec = time.time() - tick_start_time
 

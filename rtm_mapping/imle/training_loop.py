@@ -230,6 +230,12 @@ def training_loop(
             jitter_std=sampler_kwargs['jitter_std'],
             generator=select_rng, device=device, previous=latents, progress=_progress_bars(cur_tick + 1) if bar else None)
         select_sec = time.time() - tick_start_time
+        if world_size > 1:      # the sampler times this rank's slice; report the pool's: the slowest rank's time, all samples
+            slowest = torch.tensor([select_stats['decode_sec'], select_stats['search_sec']], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+            select_stats.update(decode_sec=float(slowest[0]), search_sec=float(slowest[1]),
+                                decode_img_per_sec=pool_size / max(float(slowest[0]), 1e-9),
+                                search_pairs_per_sec=num_images * pool_size / max(float(slowest[1]), 1e-9))
 
         # 2. Train: epochs over the pairs (x_i, z_sigma(i)).
         tick_epochs = min(epochs_per_tick, total_epochs - cur_epoch)

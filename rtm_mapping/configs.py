@@ -1,7 +1,11 @@
-"""The paper's StyleGAN2-ADA runs as configs (training_configs/*.json), turned into patched train.py commands.
+"""The paper's runs as configs (training_configs/*.json), in two regimes, told apart by the section that holds
+their settings:
 
-A config fixes the experiment (base config, conditioning, kimg, batch, gamma, augmentation, mapper);
-the machine-specific part (data, outdir, gpus, resume, ...) comes from the command line.
+- "train": the StyleGAN2-ADA runs (Tables 3 and 7), turned into patched train.py commands by `rtm-mapping train`.
+  Such a config fixes the experiment (base config, conditioning, kimg, batch, gamma, augmentation, mapper); the
+  machine-specific part (data, outdir, gpus, resume, ...) comes from the command line.
+- "imle": the RS-IMLE runs (Tables 1, 2 and 5), run by `rtm-mapping imle train`, which also validates their
+  settings (rtm_mapping.imle.train.SETTINGS); "sources" says where each value comes from.
 """
 
 import json
@@ -22,13 +26,21 @@ TRAIN_KEYS = {
     'map': str, 'map_depth': int,
     **{adapters.option_key(argument): int if choices is None else str for argument, (_, _, choices) in adapters.TRAIN_OPTIONS.items()},
 }
-CONFIG_KEYS = {'source', 'notes', 'train'}
+
+# regime: (the keys a config of it must have, those it may have, what it is, the command that runs it).
+REGIMES = {
+    'train': (('source', 'train'), ('notes',), 'a StyleGAN2-ADA config (train.py options)', 'rtm-mapping train'),
+    'imle':  (('source', 'imle'), ('sources', 'notes'), 'an RS-IMLE config', 'rtm-mapping imle train'),
+}
 
 
-def builtin_configs():
-    """{name: path} of the configs shipped with the package: rtm_mapping/training_configs/ where the package is
-    installed (setup.cfg maps it there), training_configs/ beside rtm_mapping/ in the source tree, which is what
-    `import rtm_mapping` finds when tests or scripts run from the repository."""
+def regime_of(config) -> str:
+    """'train' or 'imle': the section holding a config's settings; '' when it has neither or both."""
+    found = [regime for regime in REGIMES if isinstance(config, dict) and regime in config]
+    return found[0] if len(found) == 1 else ''
+
+
+def _config_files():
     here = os.path.dirname(os.path.abspath(__file__))
     for folder in (os.path.join(here, 'training_configs'), os.path.join(os.path.dirname(here), 'training_configs')):
         if os.path.isdir(folder):
@@ -36,26 +48,50 @@ def builtin_configs():
     raise click.ClickException(f'no training_configs/ folder next to {here}; reinstall rtm-mapping.')
 
 
-def load_config(name_or_path):
-    """Read and validate a config; unknown keys and wrong types are errors, never ignored."""
+def builtin_configs(regime: str = 'train'):
+    """{name: path} of the configs of one regime shipped with the package: rtm_mapping/training_configs/ where the
+    package is installed (setup.cfg maps it there), training_configs/ beside rtm_mapping/ in the source tree, which
+    is what `import rtm_mapping` finds when tests or scripts run from the repository."""
+    configs = {}
+    for name, path in _config_files().items():
+        with open(path, encoding='utf-8') as f:
+            if regime_of(json.load(f)) == regime:
+                configs[name] = path
+    return configs
+
+
+def load_config(name_or_path, regime: str = 'train'):
+    """Read a config of one regime and check its layout; for 'train', also its settings. Unknown keys and wrong
+    types are errors, never ignored; a config of the other regime is refused with the command that runs it."""
     path = name_or_path
     if not os.path.isfile(path):
-        configs = builtin_configs()
+        configs = _config_files()
         name = os.path.splitext(os.path.basename(name_or_path))[0]
         if name not in configs:
-            raise click.ClickException(f'{name_or_path}: no such config file or built-in config. Built-in: {", ".join(sorted(configs))}.')
+            raise click.ClickException(f'{name_or_path}: no such config file or built-in config. '
+                                       f'Built-in: {", ".join(sorted(builtin_configs(regime)))}.')
         path = configs[name]
     with open(path, encoding='utf-8') as f:
-        config = json.load(f)
-    unknown = set(config) - CONFIG_KEYS
-    if unknown or 'train' not in config or 'source' not in config:
-        raise click.ClickException(f'{path}: a config has keys {sorted(CONFIG_KEYS)} ("train" and "source" required); got {sorted(config)}.')
-    for key, value in config['train'].items():
-        if key not in TRAIN_KEYS:
-            raise click.ClickException(f'{path}: unknown train.py option {key!r}; known: {", ".join(TRAIN_KEYS)}.')
-        kind = TRAIN_KEYS[key]
-        if not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) and not (kind is float and isinstance(value, int)):
-            raise click.ClickException(f'{path}: {key} must be a {kind.__name__}, got {value!r}.')
+        try:
+            config = json.load(f)
+        except ValueError as err:
+            raise click.ClickException(f'{path}: not valid JSON ({err}).') from err
+    required, optional, what, _ = REGIMES[regime]
+    found = regime_of(config)
+    if found and found != regime:
+        name = os.path.splitext(os.path.basename(path))[0]
+        raise click.ClickException(f'{path} is {REGIMES[found][2]}, not {what}: run it with '
+                                   f'`{REGIMES[found][3]} --config {name} ...`.')
+    if set(config) - set(required) - set(optional) or not set(required) <= set(config):
+        raise click.ClickException(f'{path}: {what} has keys {list(required + optional)} ({", ".join(map(repr, required))} required); '
+                                   f'got {sorted(config)}.')
+    if regime == 'train':
+        for key, value in config['train'].items():
+            if key not in TRAIN_KEYS:
+                raise click.ClickException(f'{path}: unknown train.py option {key!r}; known: {", ".join(TRAIN_KEYS)}.')
+            kind = TRAIN_KEYS[key]
+            if not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) and not (kind is float and isinstance(value, int)):
+                raise click.ClickException(f'{path}: {key} must be a {kind.__name__}, got {value!r}.')
     return config
 
 

@@ -41,7 +41,7 @@ def test_config_to_flags():
     ({'source': 'x', 'train': {'cfg': 'cifar', 'lr': 0.1}}, "unknown train.py option 'lr'"),
     ({'source': 'x', 'train': {'kimg': '100'}}, 'kimg must be a int'),
     ({'source': 'x', 'train': {'cond': 1}}, 'cond must be a bool'),
-    ({'source': 'x', 'train': {}, 'comment': 'hi'}, 'a config has keys'),
+    ({'source': 'x', 'train': {}, 'comment': 'hi'}, 'has keys'),
 ])
 def test_bad_configs_are_errors(tmp_path, bad, message):
     path = tmp_path / 'bad.json'
@@ -84,3 +84,15 @@ def test_config_passes_train_py_dry_run(dry_runs, name):
     assert args['total_kimg'] == config['kimg'] and args['batch_size'] == config['batch']
     assert args['loss_kwargs']['r1_gamma'] == config['gamma']
     assert ('augment_kwargs' in args) == (aug == 'ada') and args['training_set_kwargs']['use_labels'] is False
+
+
+def test_each_regime_refuses_the_other_regimes_configs():
+    assert set(configs.builtin_configs('imle')) == {'fewshot-imle-rtm', 'fewshot-imle-mlp', 'fewshot-imle-rtm-attention',
+                                                     'cifar10-imle-rtm', 'cifar10-imle-mlp', 'celebahq256-imle-rtm', 'celebahq256-imle-mlp'}
+    with pytest.raises(click.ClickException, match=r'is an RS-IMLE config, not a StyleGAN2-ADA config.*`rtm-mapping imle train --config fewshot-imle-rtm'):
+        configs.load_config('fewshot-imle-rtm')
+    with pytest.raises(click.ClickException, match=r'is a StyleGAN2-ADA config .*, not an RS-IMLE config.*`rtm-mapping train --config cifar10-stylegan2-rtm'):
+        configs.load_config('cifar10-stylegan2-rtm', regime='imle')
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', 'train', '--config', 'cifar10-imle-rtm', '--data', 'x', '--outdir', 'y'],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and 'rtm-mapping imle train --config cifar10-imle-rtm' in out.stderr

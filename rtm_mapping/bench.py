@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rtm_mapping import __version__, core
 from rtm_mapping.core import RecursiveTokenMapper
+from rtm_mapping.imle import bench as imle_bench
 from stylegan2_ada_patch import checkout
 
 #----------------------------------------------------------------------------
@@ -660,6 +661,8 @@ def markdown(results: dict) -> str:
         for r in memory['rows']:
             out.append(f'| {r["name"]} | {r["bytes"] / 2**20:.2f} | {r["vs_h1"]:.2f}x |'
                        + (f' {r["cuda_peak_bytes"] / 2**20:.2f} |' if cuda else ''))
+    if results.get('imle'):
+        out += [''] + imle_bench.markdown(results['imle'])
     for note in results.get('notes', []):
         out += ['', f'Note: {note}']
     if results['targets']:
@@ -697,7 +700,7 @@ def _merge(bench_jsons: List[str]) -> dict:
         if merged is None:
             merged = results
             continue
-        for key in PARTS + ('flops',):
+        for key in PARTS + OPT_IN_PARTS + ('flops',):
             if key in results:
                 merged[key] = results[key]
         merged['notes'] += results['notes']
@@ -743,6 +746,7 @@ def write_gpu_report(bench_jsons: List[str], runs: Dict[str, Optional[str]], sta
 # The command: set-up (settings, checkout), measurement (the parts), report (tables, JSON).
 
 PARTS = ('mapper', 'generator', 'memory', 'dispatch')
+OPT_IN_PARTS = ('imle',)    # run only with --part: RS-IMLE's full settings (rtm_mapping.imle.bench) are App. H's, for a GPU
 
 
 def _full(key: str) -> str:
@@ -820,8 +824,8 @@ def measure(parts, configs, official: bool, device: torch.device, run: dict, pap
 @click.pass_context
 @click.option('--device',       type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True, help='Device to measure on.')
 @checkout.option
-@click.option('--part',         type=click.Choice(PARTS), multiple=True, default=PARTS, show_default=True,
-              help='Parts to run (repeatable); FLOPs always. Without a checkout, generator is skipped.')
+@click.option('--part',         type=click.Choice(PARTS + OPT_IN_PARTS), multiple=True, default=PARTS, show_default=True,
+              help='Parts to run (repeatable); FLOPs always. Without a checkout, generator is skipped. imle: RS-IMLE, only when named.')
 @click.option('--config',       type=click.Choice(list(GENERATOR_CONFIGS)), multiple=True, default=tuple(GENERATOR_CONFIGS),
               show_default=True, help='Generator configurations of part (b) (repeatable).')
 @click.option('--batch',        type=click.IntRange(min=1), default=None, help=f'Mapper batch of (a) and (c)  {_full("batch")}')
@@ -837,8 +841,9 @@ def measure(parts, configs, official: bool, device: torch.device, run: dict, pap
 @click.option('--threads',      type=click.IntRange(min=1), default=None, help='torch CPU threads  [default: torch\'s choice]')
 @click.option('--out',          type=click.Path(dir_okay=False), default='rtm-bench.json', show_default=True, help='JSON results file.')
 @click.option('--quick',        is_flag=True, help='Tiny settings, a smoke test of the command (not a measurement).')
+@imle_bench.options
 def bench(ctx, device, stylegan, part, config, batch, repeats, warmup, gen_repeats, gen_warmup, map_h, compile_mode, paper512_channel_div,
-          threads, out, quick):
+          threads, out, quick, **imle_options):
     """Benchmark RTM against the MLP mapper, side by side, and check the targets of issues 5 and 14.
 
     \b
@@ -847,6 +852,7 @@ def bench(ctx, device, stylegan, part, config, batch, repeats, warmup, gen_repea
       rtm-mapping bench --device cuda --repeats 200 --warmup 20
       rtm-mapping bench --part dispatch --repeats 200
       rtm-mapping bench --quick --part mapper
+      rtm-mapping bench --device cuda --part imle
     """
     # Set-up.
     run = run_settings(quick, batch=batch, repeats=repeats, warmup=warmup, gen_repeats=gen_repeats, gen_warmup=gen_warmup, map_h=map_h)
@@ -878,10 +884,12 @@ def bench(ctx, device, stylegan, part, config, batch, repeats, warmup, gen_repea
 
     # Measurement.
     results.update(measure(part, config, root is not None, dev, run, paper512_channel_div, compile_mode))
+    if 'imle' in part:
+        results['imle'] = imle_bench.measure_imle(imle_bench.settings_from_options(dev, quick, imle_options))
 
     # Report.
     results['notes'] = notes
-    results['targets'] = evaluate_targets(results)
+    results['targets'] = evaluate_targets(results) + (imle_bench.targets(results['imle']) if 'imle' in results else [])
     results['ratios'] = {t['name']: t['value'] for t in results['targets']}
     click.echo(markdown(results))
     with open(out, 'w') as f:

@@ -148,6 +148,14 @@ def test_pool_size_and_latents():
     assert abs(float(full.std()) - 1) < 0.05
 
 
+def test_jitter():
+    z = torch.randn([2000, 8], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampler.jitter(z, 0.0, torch.Generator()), z)
+    moved = sampler.jitter(z, 1e-3, torch.Generator().manual_seed(1))
+    assert torch.equal(moved, sampler.jitter(z, 1e-3, torch.Generator().manual_seed(1)))
+    assert abs(float((moved - z).std()) - 1e-3) < 1e-4
+
+
 def test_pixel_features():
     features = sampler.PixelFeatures(img_resolution=16, resolution=8, dim=32, seed=3)
     p = features.projection('cpu')

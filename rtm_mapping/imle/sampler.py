@@ -86,7 +86,28 @@ def pool_latents(seed: int, pool_size: int, z_dim: int, start: int = 0, stop: Op
     return torch.cat(parts) if parts else torch.empty([0, z_dim])
 
 #----------------------------------------------------------------------------
-# 3. Search features phi (used by step 2 on the pool and, once, on the training images).
+# 2. Decoding the pool, with step 3 applied on the fly: only the features are kept.
+
+@torch.no_grad()
+def decode_features(G, latents: torch.Tensor, features, *, batch_size: int, device, noise_seed: int = 0,
+                    offset: int = 0, progress: Optional[Progress] = None) -> torch.Tensor:
+    """phi(G(z)) for latents [m, z_dim], in batches, without gradients, G in the mode it is in.
+
+    The decoder's noise (if any) of the batch starting at pool index offset + i comes from a generator
+    on `device` seeded with noise_seed + offset + i: reproducible, and the same in every process.
+    Returns float32 [m, dim] on `device`.
+    """
+    out = torch.empty([latents.shape[0], features.dim], device=device)
+    for i in range(0, latents.shape[0], batch_size):
+        generator = torch.Generator(device=device).manual_seed(noise_seed + offset + i)
+        z = latents[i:i + batch_size].to(device)
+        out[i:i + z.shape[0]] = features(G(z, generator=generator))
+        if progress is not None:
+            progress('decode', i + z.shape[0], latents.shape[0])
+    return out
+
+#----------------------------------------------------------------------------
+# 3. Search features phi, of the decoded pool (step 2) and, once, of the training images.
 
 def _to_float_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
@@ -185,27 +206,6 @@ def compute_features(features, images: torch.Tensor, *, batch_size: int, device)
     return torch.cat(parts) if parts else torch.empty([0, features.dim], device=device)
 
 #----------------------------------------------------------------------------
-# 2. Decoding the pool (with step 3 applied on the fly: only features are kept).
-
-@torch.no_grad()
-def decode_features(G, latents: torch.Tensor, features, *, batch_size: int, device, noise_seed: int = 0,
-                    offset: int = 0, progress: Optional[Progress] = None) -> torch.Tensor:
-    """phi(G(z)) for latents [m, z_dim], in batches, without gradients, G in the mode it is in.
-
-    The decoder's noise (if any) of the batch starting at pool index offset + i comes from a generator
-    on `device` seeded with noise_seed + offset + i: reproducible, and the same in every process.
-    Returns float32 [m, dim] on `device`.
-    """
-    out = torch.empty([latents.shape[0], features.dim], device=device)
-    for i in range(0, latents.shape[0], batch_size):
-        generator = torch.Generator(device=device).manual_seed(noise_seed + offset + i)
-        z = latents[i:i + batch_size].to(device)
-        out[i:i + z.shape[0]] = features(G(z, generator=generator))
-        if progress is not None:
-            progress('decode', i + z.shape[0], latents.shape[0])
-    return out
-
-#----------------------------------------------------------------------------
 # 4-5. Exact blocked nearest neighbours, the rejection rule and the selection.
 
 def default_memory_budget(device) -> int:
@@ -282,6 +282,25 @@ def _all_gather(t: torch.Tensor, group) -> list:
     return parts
 
 
+def _rerank(x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Squared distances sum((x_i - pool_j)^2) in float64 for the pool rows idx [r, K] of each query x [r, d],
+    in row blocks of about 8 MB through reused buffers (fresh large buffers cost page faults on a CPU)."""
+    r, K = idx.shape
+    d = x.shape[1]
+    out = torch.empty([r, K], dtype=torch.float64, device=x.device)
+    step = max(1, (8 << 20) // max(1, K * d * 8))
+    gathered = torch.empty([min(step, r) * K, d], dtype=pool.dtype, device=x.device)
+    diff = torch.empty([min(step, r), K, d], dtype=torch.float64, device=x.device)
+    x64 = x.to(torch.float64)
+    for r0 in range(0, r, step):
+        rows = min(step, r - r0)
+        g = torch.index_select(pool, 0, idx[r0:r0 + rows].reshape(-1), out=gathered[:rows * K])
+        block = diff[:rows]
+        block.copy_(g.view(rows, K, d)).sub_(x64[r0:r0 + rows, None, :]).square_()
+        torch.sum(block, dim=2, out=out[r0:r0 + rows])
+    return out
+
+
 def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional[torch.Tensor], offset: int, dtype: torch.dtype,
                   memory_budget: int, column_min: bool, progress: Optional[Progress]):
     """One blocked pass of queries x [r, d] over this process's pool [c, d]: each query's k nearest,
@@ -294,55 +313,55 @@ def _local_search(x: torch.Tensor, pool: torch.Tensor, k: int, *, mask: Optional
     vals = torch.full([r, kk], math.inf, dtype=dtype, device=device)
     idx = torch.full([r, kk], -1, dtype=torch.int64, device=device)
     colmin = torch.full([c], math.inf, dtype=dtype, device=device) if column_min else None
+
+    # Augmented vectors, centred on the queries' mean: [-2 x, 1, |x|^2] . [y, |y|^2, 1] = |x - y|^2,
+    # padded with zeros to a multiple of 8.
     mu = x.to(torch.float64).mean(dim=0).to(dtype)
-    width = (d + 2 + 7) // 8 * 8                                        # augmented and padded to a multiple of 8
+    width = (d + 2 + 7) // 8 * 8
     xc = x.to(dtype) - mu
     xa = torch.zeros([r, width], dtype=dtype, device=device)
     xa[:, :d], xa[:, d], xa[:, d + 1] = -2 * xc, 1, xc.square().sum(dim=1)
     y_norm = torch.zeros([], dtype=dtype, device=device)               # max |y - mu| over the pool
-    y_raw_norm = torch.zeros([], dtype=dtype, device=device)           # max |y|
     row_block, col_block = search_blocks(r, c, d, memory_budget=memory_budget, element_size=torch.finfo(dtype).bits // 8)
+    ya_buffer = torch.empty([min(col_block, c) * width], dtype=dtype, device=device)
+    s_buffer = torch.empty([min(row_block, r) * min(col_block, c)], dtype=dtype, device=device)
 
     with _exact_float32_matmul():
         for c0 in range(0, c, col_block):
             y = pool[c0:c0 + col_block]
-            ya = torch.zeros([y.shape[0], width], dtype=dtype, device=device)
+            cols = y.shape[0]
+            ya = ya_buffer[:cols * width].view(cols, width)
             torch.sub(y.to(dtype), mu, out=ya[:, :d])
-            ya[:, d], ya[:, d + 1] = torch.linalg.vector_norm(ya[:, :d], dim=1).square(), 1
+            ya[:, d], ya[:, d + 1], ya[:, d + 2:] = torch.linalg.vector_norm(ya[:, :d], dim=1).square(), 1, 0
             y_norm = torch.maximum(y_norm, ya[:, d].max().sqrt())
-            y_raw_norm = torch.maximum(y_raw_norm, y.norm(dim=1).max().to(dtype))
-            excluded = None if mask is None else mask[c0:c0 + col_block]
+            excluded = None if mask is None else mask[c0:c0 + cols]
             for r0 in range(0, r, row_block):
-                s = torch.mm(xa[r0:r0 + row_block], ya.t())                   # approximate squared distances
+                rows = min(row_block, r - r0)
+                s = torch.mm(xa[r0:r0 + rows], ya.t(), out=s_buffer[:rows * cols].view(rows, cols))     # approximate squared distances
                 if excluded is not None:
                     s.masked_fill_(excluded, math.inf)
                 if colmin is not None:
-                    colmin[c0:c0 + y.shape[0]] = torch.minimum(colmin[c0:c0 + y.shape[0]], s.amin(dim=0))
-                v, j = s.topk(min(kk, s.shape[1]), dim=1, largest=False, sorted=False)
-                v, j = torch.cat([vals[r0:r0 + row_block], v], dim=1), torch.cat([idx[r0:r0 + row_block], j + c0], dim=1)
+                    torch.minimum(colmin[c0:c0 + cols], s.amin(dim=0), out=colmin[c0:c0 + cols])
+                v, j = s.topk(min(kk, cols), dim=1, largest=False, sorted=False)
+                v, j = torch.cat([vals[r0:r0 + rows], v], dim=1), torch.cat([idx[r0:r0 + rows], j + c0], dim=1)
                 best = v.topk(kk, dim=1, largest=False, sorted=False).indices
-                vals[r0:r0 + row_block], idx[r0:r0 + row_block] = v.gather(1, best), j.gather(1, best)
+                vals[r0:r0 + rows], idx[r0:r0 + rows] = v.gather(1, best), j.gather(1, best)
             if progress is not None:
-                progress('search', min(c0 + col_block, c), c)
+                progress('search', c0 + cols, c)
 
     # The float32 error of an approximate squared distance, |s - sum((x - y)^2)|, is at most
     # (gamma_width + gamma_d + 2u) (|x - mu| + |y - mu|)^2 (GEMM, squared norms, centring) plus the
-    # float64 re-ranking's gamma_d (|x| + |y|)^2; twice that is used.
-    # The norms are float roundings themselves: 1e-4 more covers that.
+    # float64 re-ranking's gamma_d (|x| + |y|)^2; twice that is used, and 1e-4 more for the norms' own rounding.
     x_norm = xa[:, d + 1].to(torch.float64).sqrt()
     x_raw_norm = x.norm(dim=1).to(torch.float64)
+    y_raw_norm = y_norm.to(torch.float64) + mu.to(torch.float64).norm()    # |y| <= |y - mu| + |mu|
     u = torch.finfo(dtype).eps / 2
     err = 2 * (1 + 1e-4) ** 2 * ((_gamma(width, dtype) + _gamma(d, dtype) + 2 * u) * (x_norm + y_norm.to(torch.float64)) ** 2
-                                 + _gamma(d, torch.float64) * (x_raw_norm + y_raw_norm.to(torch.float64)) ** 2)
+                                 + _gamma(d, torch.float64) * (x_raw_norm + y_raw_norm) ** 2)
 
-    # Exact re-ranking of the candidates, in row blocks of about 8 MB (cache-sized on a CPU).
+    # Exact re-ranking; the bound on everything not listed.
     valid = torch.isfinite(vals)
-    sq = torch.full([r, kk], math.inf, dtype=torch.float64, device=device)
-    step = max(1, min(memory_budget, 8 << 20) // max(1, kk * d * 8))
-    for r0 in range(0, r, step):
-        diff = pool[idx[r0:r0 + step].clamp(min=0)].to(torch.float64).sub_(x[r0:r0 + step, None, :].to(torch.float64))
-        sq[r0:r0 + step] = diff.square_().sum(dim=2)
-    sq = torch.where(valid, sq, torch.full_like(sq, math.inf))
+    sq = torch.where(valid, _rerank(x, pool, idx.clamp(min=0)), torch.full(vals.shape, math.inf, dtype=torch.float64, device=device))
     idx = torch.where(valid, idx + offset, torch.full_like(idx, -1))
     sq, idx = _sort_pairs(sq, idx)
     available = c if mask is None else int(c - mask.sum())
@@ -440,7 +459,7 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
         Match, the same on every rank (but `rejected`, which is this rank's slice).
     """
     for name, t in (('data_features', data_features), ('pool_features', pool_features)):
-        if t.ndim != 2 or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+        if t.ndim != 2 or not t.is_floating_point() or (t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())):
             raise ValueError(f'{name} must be a finite float [N, dim] tensor, got {t.dtype} {list(t.shape)}')
     if data_features.shape[1] != pool_features.shape[1] or data_features.shape[0] == 0:
         raise ValueError(f'need n >= 1 data features and pool features of the same dim, got {list(data_features.shape)} and {list(pool_features.shape)}')
@@ -451,73 +470,91 @@ def match(data_features: torch.Tensor, pool_features: torch.Tensor, *, epsilon: 
     device = data_features.device
     x = data_features.to(torch.float32)
     pool = pool_features.to(device=device, dtype=torch.float32)
-    n, c = x.shape[0], pool.shape[0]
-    distributed = _distributed(group)
+    c = pool.shape[0]
     total = torch.tensor([c], device=device)
-    if distributed:
+    if _distributed(group):
         torch.distributed.all_reduce(total, group=group)
     m = int(total)
     if m == 0:
         raise ValueError('the pool is empty')
     memory_budget = memory_budget or default_memory_budget(device)
-    eps2 = float(epsilon) ** 2
     k = knn_ignore
     width = candidates or (2 * k + 8 if k is not None else 16)
     if k is not None:
         width = max(width, k)
 
     # One pass: each image's `width` nearest (and, for the paper's rule, each pool sample's nearest image).
-    result, column = _search(x, pool, width, offset=offset, memory_budget=memory_budget, group=group, column_min=k is None, progress=progress)
-    fallback = torch.zeros([n], dtype=torch.bool, device=device)
+    first, column = _search(x, pool, width, offset=offset, memory_budget=memory_budget, group=group, column_min=k is None, progress=progress)
+    rejected_all, first, fallback = _reject(x, pool, first, column, eps2=float(epsilon) ** 2, k=k, offset=offset, pool_size=m,
+                                            memory_budget=memory_budget, group=group)
+    index, sq, unmatched, again = _select(x, pool, first, rejected_all, offset=offset, candidates=width, memory_budget=memory_budget, group=group)
+    return Match(index=index, distance=sq.sqrt(), unmatched=unmatched, rejected=rejected_all[offset:offset + c],
+                 num_rejected=int(rejected_all.sum()), fallback_rows=int((fallback | again).sum()), pool_size=m)
 
-    # 4. Rejection.
-    rejected_all = torch.zeros([m], dtype=torch.uint8, device=device)
+
+def _reject(x, pool, first: Candidates, column, *, eps2: float, k: Optional[int], offset: int, pool_size: int, memory_budget: int, group):
+    """Step 4, the rule of the module docstring, from the one pass's candidates (first) and, for the
+    paper's rule, its column minima. Returns the removed samples of the whole pool ([pool_size] bool, the
+    same on every rank), the candidates (with certified k nearest for RS-IMLE's rule) and the images
+    that needed a second search."""
+    n, c = x.shape[0], pool.shape[0]
+    rejected = torch.zeros([pool_size], dtype=torch.uint8, device=x.device)
+    fallback = torch.zeros([n], dtype=torch.bool, device=x.device)
     if k is not None:
-        position = torch.full([n], k - 1, dtype=torch.int64, device=device)
-        todo = ~_certified(result, position)
-        if bool(todo.any()):
-            rows = todo.nonzero()[:, 0]
-            result = _replace_rows(result, rows, nearest(x[rows], pool, k, offset=offset, candidates=2 * width,
-                                                         memory_budget=memory_budget, group=group))
-            fallback |= todo
-        hit = (result.sq_dist[:, :k] < eps2) & (result.index[:, :k] >= 0)
-        rejected_all[result.index[:, :k][hit]] = 1
+        # RS-IMLE's rule: each image's k nearest (certified; a second search where not) within epsilon.
+        fallback = ~_certified(first, torch.full([n], k - 1, dtype=torch.int64, device=x.device))
+        if bool(fallback.any()):
+            rows = fallback.nonzero()[:, 0]
+            first = _replace_rows(first, rows, nearest(x[rows], pool, k, offset=offset, candidates=2 * first.index.shape[1],
+                                                       memory_budget=memory_budget, group=group))
+        hit = (first.sq_dist[:, :k] < eps2) & (first.index[:, :k] >= 0)
+        rejected[first.index[:, :k][hit]] = 1
     else:
+        # The paper's rule: each of this rank's samples whose nearest image is within epsilon; exactly
+        # where the float32 minimum is within its error of epsilon.
         colmin, err = column
-        certain = colmin.to(torch.float64) + err < eps2
-        unsure = ~certain & (colmin.to(torch.float64) - err < eps2)
+        inside = colmin.to(torch.float64) + err < eps2
+        unsure = ~inside & (colmin.to(torch.float64) - err < eps2)
         if bool(unsure.any()):
             cols = unsure.nonzero()[:, 0]
-            nearest_image = nearest(pool[cols], x, 1, memory_budget=memory_budget, group=False)
-            certain[cols] = nearest_image.sq_dist[:, 0] < eps2
-        rejected_all[offset:offset + c] = certain.to(torch.uint8)
-        if distributed:
-            torch.distributed.all_reduce(rejected_all, group=group)
-    rejected_all = rejected_all.bool()
-    rejected = rejected_all[offset:offset + c]
+            inside[cols] = nearest(pool[cols], x, 1, memory_budget=memory_budget, group=False).sq_dist[:, 0] < eps2
+        rejected[offset:offset + c] = inside.to(torch.uint8)
+        if _distributed(group):
+            torch.distributed.all_reduce(rejected, group=group)
+    return rejected.bool(), first, fallback
 
-    # 5. Each image's nearest remaining sample: the first candidate not rejected, where certified.
-    listed = result.index >= 0
-    ok = listed & ~rejected_all[result.index.clamp(min=0)]
+
+def _select(x, pool, first: Candidates, rejected: torch.Tensor, *, offset: int, candidates: int, memory_budget: int, group):
+    """Step 5: each image's nearest sample not rejected: its first such candidate where certified, else a
+    second search with the rejected samples masked. An image with none is unmatched and takes its nearest
+    sample, the rejection ignored. Returns (index, squared distance, unmatched, second search) per image."""
+    ok = (first.index >= 0) & ~rejected[first.index.clamp(min=0)]
     found = ok.any(dim=1)
-    position = torch.where(found, ok.to(torch.int32).argmax(dim=1), torch.zeros_like(result.index[:, 0]))     # the first True
-    index = result.index.gather(1, position[:, None])[:, 0]
-    sq = result.sq_dist.gather(1, position[:, None])[:, 0]
-    exhausted = torch.isinf(result.bound)                              # every pool sample is listed
-    done = (found & _certified(result, position)) | (~found & exhausted)
+    position = torch.where(found, ok.to(torch.int32).argmax(dim=1), torch.zeros_like(first.index[:, 0]))     # the first True
+    index = first.index.gather(1, position[:, None])[:, 0]
+    sq = first.sq_dist.gather(1, position[:, None])[:, 0]
+    exhausted = torch.isinf(first.bound)                               # every pool sample is listed
     unmatched = ~found & exhausted
-    if not bool(done.all()):
-        rows = (~done).nonzero()[:, 0]
-        again = nearest(x[rows], pool, 1, mask=rejected, offset=offset, candidates=width, memory_budget=memory_budget, group=group)
-        index[rows], sq[rows] = again.index[:, 0], again.sq_dist[:, 0]
-        unmatched[rows] = again.index[:, 0] < 0
-        fallback[rows] = True
-    if bool(unmatched.any()):                                          # their nearest sample, the rejection ignored
+    again = ~((found & _certified(first, position)) | unmatched)
+    if bool(again.any()):
+        rows = again.nonzero()[:, 0]
+        masked = nearest(x[rows], pool, 1, mask=rejected[offset:offset + pool.shape[0]], offset=offset, candidates=candidates,
+                         memory_budget=memory_budget, group=group)
+        index[rows], sq[rows] = masked.index[:, 0], masked.sq_dist[:, 0]
+        unmatched[rows] = masked.index[:, 0] < 0
+    if bool(unmatched.any()):
         rows = unmatched.nonzero()[:, 0]
         anyway = nearest(x[rows], pool, 1, offset=offset, memory_budget=memory_budget, group=group)
         index[rows], sq[rows] = anyway.index[:, 0], anyway.sq_dist[:, 0]
-    return Match(index=index, distance=sq.sqrt(), unmatched=unmatched, rejected=rejected, num_rejected=int(rejected_all.sum()),
-                 fallback_rows=int(fallback.sum()), pool_size=m)
+    return index, sq, unmatched, again
+
+#----------------------------------------------------------------------------
+# 6. Jitter.
+
+def jitter(z: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """z + N(0, std^2) noise drawn from `generator` (RS-IMLE's imle_perturb_coef, 0.001), so that images
+    matched to the same pool sample do not train on the same latent."""
+    return z + std * torch.randn(z.shape, generator=generator, device=generator.device, dtype=z.dtype).to(z.device)
 
 #----------------------------------------------------------------------------
 # All six steps.
@@ -596,25 +633,25 @@ def select_latents(G, data_features: torch.Tensor, *, pool_size: int, features, 
         z = z.cpu()
 
     # 6. Jitter, from the shared seed.
-    z += jitter_std * torch.randn([n, G.z_dim], generator=torch.Generator().manual_seed(seed ^ JITTER_SALT))
+    z = jitter(z, jitter_std, torch.Generator().manual_seed(seed ^ JITTER_SALT))
     unmatched = found.unmatched.cpu()
     if previous is not None:
-        z[unmatched] = previous[unmatched].to(z.dtype).cpu()
+        z[unmatched] = previous.detach().cpu().to(z.dtype)[unmatched]
 
     distance = found.distance.cpu()
     stats = dict(
-        pool_size        = found.pool_size,
-        pool_seed        = seed,
-        rejected         = found.num_rejected,
-        rejected_frac    = found.num_rejected / found.pool_size,
-        unmatched        = int(unmatched.sum()),
-        fallback_rows    = found.fallback_rows,
-        distance_mean    = float(distance.mean()),
-        distance_max     = float(distance.max()),
-        decode_sec       = t1 - t0,
-        search_sec       = t2 - t1,
-        decode_img_per_sec = (hi - lo) / max(t1 - t0, 1e-9),
-        search_pairs_per_sec = n * (hi - lo) / max(t2 - t1, 1e-9),
+        pool_size            = found.pool_size,                         # m
+        pool_seed            = seed,                                    # pool_latents(pool_seed, m, z_dim) redraws the pool
+        rejected             = found.num_rejected,                      # pool samples removed by the rule
+        rejected_frac        = found.num_rejected / found.pool_size,
+        unmatched            = int(unmatched.sum()),                    # images with every sample removed
+        fallback_rows        = found.fallback_rows,                     # images searched a second time
+        distance_mean        = float(distance.mean()),                  # d(i, sigma(i)) in feature space
+        distance_max         = float(distance.max()),
+        decode_sec           = t1 - t0,                                 # this rank's pool slice
+        search_sec           = t2 - t1,
+        decode_img_per_sec   = (hi - lo) / max(t1 - t0, 1e-9),
+        search_pairs_per_sec = n * (hi - lo) / max(t2 - t1, 1e-9),      # image-sample distances per second
     )
     return z, stats
 

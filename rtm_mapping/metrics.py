@@ -134,13 +134,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     import scipy.linalg
     mu1, sigma1, mu2, sigma2 = (np.asarray(torch.as_tensor(a).cpu(), dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
     product = sigma1 @ sigma2
-    if 'disp' in inspect.signature(scipy.linalg.sqrtm).parameters:     # SciPy < 1.18: disp=False, or it prints on singular input
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', DeprecationWarning)        # SciPy 1.16 and 1.17 deprecate disp
+    with warnings.catch_warnings():
+        # Quiet on singular products (fewer images than features), as the official disp=False was: SciPy >= 1.17 warns.
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        if 'disp' in inspect.signature(scipy.linalg.sqrtm).parameters:     # SciPy < 1.18: disp=False, or it prints on singular input
+            warnings.simplefilter('ignore', DeprecationWarning)            # SciPy 1.16 and 1.17 deprecate disp
             root = scipy.linalg.sqrtm(product, disp=False)
-        root = root[0] if isinstance(root, tuple) else root           # (root, error estimate); 1 x 1 input: the root alone
-    else:
-        root = scipy.linalg.sqrtm(product)
+            root = root[0] if isinstance(root, tuple) else root            # (root, error estimate); 1 x 1 input: the root alone
+        else:
+            root = scipy.linalg.sqrtm(product)
     return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - 2 * root)))
 
 #----------------------------------------------------------------------------

@@ -229,6 +229,7 @@ class Evaluator:
         mean, cov = metric_math.feature_statistics(features.to(self.device))
         self.real = dict(features=features, mean=mean, cov=cov)
         self.data, self.resolution, self.max_images = data, resolution, max_images
+        self._noted = False
 
     def evaluate(self, G, metrics: Sequence[str], *, num_gen: int, seed: int = 0, batch_size: int = 64,
                  steps: Optional[int] = None, inner_steps: Optional[int] = None) -> Dict:
@@ -245,6 +246,11 @@ class Evaluator:
                                                               inner_steps=inner_steps),
                               device=self.device, probabilities='is' in metrics)
         mid = time.perf_counter()
+        fewest, dim = min(num_gen, self.real['features'].shape[0]), self.real['features'].shape[1]
+        if 'fid' in metrics and fewest <= dim and self.log is not None and not self._noted:
+            self.log(f'Note: FID from {fewest} images of {dim} features: a rank-deficient covariance, and an FID biased upward by '
+                     'it. Compare FIDs at equal image counts only (the few-shot sets: a few hundred reals).')
+            self._noted = True
         results = compute(self.real, fake, metrics, device=self.device)
         return dict(results=results, num_gen=num_gen, num_real=int(self.real['features'].shape[0]),
                     seconds=dict(generate_and_detect=mid - start, metrics=time.perf_counter() - mid))

@@ -50,7 +50,7 @@ SEARCH_LIMIT = 2.0                      # search time / product time, at most (t
 
 RUNS = {
     'full':  dict(repeats=200, warmup=20, width_div=1, batch_div=1, search_images=50000, search_repeats=3),
-    'quick': dict(repeats=2,   warmup=1,  width_div=16, batch_div=16, search_images=256, search_repeats=1),
+    'quick': dict(repeats=2,   warmup=1,  width_div=32, batch_div=16, search_images=256, search_repeats=1),
 }
 
 

@@ -58,7 +58,7 @@ def _png(path):
 def test_seeds_parse_like_stylegans_generate():
     assert generate.parse_seeds('0-3,7') == [0, 1, 2, 3, 7]
     assert generate.parse_seeds('5') == [5]
-    for bad in ('3-1', 'a', '1,,2', '1,1', '-1'):
+    for bad in ('3-1', 'a', '1,,2', '1,1', '-1', str(2 ** 32)):
         with pytest.raises(click.BadParameter, match='seed'):
             generate.parse_seeds(bad)
 

@@ -37,6 +37,8 @@ def parse_seeds(text: str) -> List[int]:
         lo = int(match.group(1))
         hi = lo if match.group(2) is None else int(match.group(2))
         seeds.extend(range(lo, hi + 1))
+    if seeds and max(seeds) >= 2 ** 32:
+        raise click.BadParameter(f'{text!r}: seeds must be below 2**32 (numpy RandomState seeds)', param_hint='--seeds')
     if len(set(seeds)) != len(seeds):
         raise click.BadParameter(f'{text!r} names a seed twice', param_hint='--seeds')
     return seeds

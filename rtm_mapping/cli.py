@@ -20,25 +20,32 @@ COMMANDS = {
     'info':         ('rtm_mapping.swap',            'info',         'Describe the networks of a pickle.'),
     'set-h':        ('rtm_mapping.swap',            'set_h',        'Store another inference H in an RTM pickle.'),
     'mode-coverage': ('rtm_mapping.mode_coverage',  'mode_coverage', 'Toy GAN on CPU: modes covered by RTM against the MLP mapper.'),
+    'imle':         ('rtm_mapping.imle.cli',        'imle',         'RS-IMLE with an RTM mapper (Tables 1, 2, 5): train, ...'),
 }
 
 
-class _LazyGroup(click.Group):
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported when used, from a table {name: (module, attribute, help)}."""
+
+    def __init__(self, *args, commands_table=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands_table = commands_table or {}
+
     def list_commands(self, ctx):
-        return list(COMMANDS)
+        return list(self.commands_table)
 
     def get_command(self, ctx, name):
-        if name not in COMMANDS:
+        if name not in self.commands_table:
             return None
-        module, attr, _ = COMMANDS[name]
+        module, attr, _ = self.commands_table[name]
         return getattr(importlib.import_module(module), attr)
 
     def format_commands(self, ctx, formatter):
         with formatter.section('Commands'):
-            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+            formatter.write_dl([(name, text) for name, (_, _, text) in self.commands_table.items()])
 
 
-@click.group(cls=_LazyGroup)
+@click.group(cls=LazyGroup, commands_table=COMMANDS)
 @click.version_option(__version__, prog_name='rtm-mapping')
 def main():
     """Recursive Token Mapper for StyleGAN2-ADA and StyleGAN3. Run `rtm-mapping COMMAND --help` for details."""

@@ -4,6 +4,7 @@ import os
 import pickle
 
 import click
+import numpy as np
 import pytest
 import torch
 
@@ -64,7 +65,7 @@ def test_foreign_truncated_and_newer_files_are_refused_saying_what_they_are(tmp_
     torch.save(dict(state_dict=torch.nn.Linear(2, 2).state_dict()), tmp_path / 'weights.pt')
     cases['weights.pt'] = r"holding a dict of \['state_dict'\], not an RS-IMLE snapshot"
     torch.save(torch.nn.Linear(2, 2), tmp_path / 'module.pt')
-    cases['module.pt'] = 'Python objects that loading would have to run code for'
+    cases['module.pt'] = r'Python objects \(torch.nn.modules.linear.Linear\) that loading would have to run code for'
     torch.save(dict(data, format=snapshot.FORMAT, version=snapshot.VERSION + 1, rtm_mapping_version='9.9'), tmp_path / 'newer.pt')
     cases['newer.pt'] = 'written by rtm-mapping 9.9.*upgrade it'
     cases['missing.pt'] = 'no such file'
@@ -72,3 +73,10 @@ def test_foreign_truncated_and_newer_files_are_refused_saying_what_they_are(tmp_
         with pytest.raises(click.ClickException, match=message) as err:
             snapshot.load(str(tmp_path / name))
         assert 'snapshot-epoch-*.pt written by `rtm-mapping imle train`' in err.value.message or name == 'newer.pt'
+
+
+def test_save_refuses_what_would_not_load_back(tmp_path):
+    _, _, data = _snapshot_data()
+    with pytest.raises(TypeError, match=r'snapshot.options.kind is a numpy.float64, not plain data'):
+        snapshot.save(str(tmp_path / 'x.pt'), dict(data, options=dict(kind=np.float64(1))))
+    assert not os.listdir(tmp_path)

@@ -103,7 +103,7 @@ def load_images(path: str, resolution: int, max_images: Optional[int] = None,
             log(f'{dataset_name(path)}: dataset.json has labels; RS-IMLE training here is unconditional and ignores them.')
         if progress:
             from tqdm import tqdm
-            names_iter = tqdm(names, desc='Loading images', unit='img', leave=False)
+            names_iter = tqdm(names, desc='Loading images', unit='img', leave=False, disable=None)
         else:
             names_iter = names
         images, size, converted = [], None, set()

@@ -21,8 +21,10 @@ unlike a StyleGAN pickle. Keys (FORMAT, VERSION say which layout):
 Generator out.
 """
 
+import collections
 import os
 import pickle
+import re
 import zipfile
 from typing import Any, Dict
 
@@ -37,12 +39,36 @@ KEYS = ('format', 'version', 'rtm_mapping_version', 'options', 'G_init_kwargs', 
 
 #----------------------------------------------------------------------------
 
+def _check_plain(value: Any, where: str) -> None:
+    """Raise TypeError unless `value` is plain data that torch.load(weights_only=True) reads back."""
+    if isinstance(value, torch.Tensor) or value is None or type(value) in (str, int, float, bool):
+        return
+    if type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(f'{where}: key {key!r} is not a str or int')
+            _check_plain(item, f'{where}.{key}')
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f'{where}[{i}]')
+        return
+    raise TypeError(f'{where} is a {type(value).__module__}.{type(value).__qualname__}, not plain data: '
+                    'a snapshot holds tensors, dicts, lists, tuples, str, int, float, bool and None only')
+
+
 def save(path: str, data: Dict[str, Any]) -> None:
     """Write a snapshot atomically: to PATH.tmp, then renamed, so that a run killed while writing leaves
-    the previous snapshot intact and never a truncated file under the snapshot's name."""
+    the previous snapshot intact and never a truncated file under the snapshot's name.
+
+    Raises:
+        ValueError: a key of KEYS is missing.
+        TypeError: something in `data` is not plain data (a class instance, a numpy array, ...).
+    """
     missing = set(KEYS) - set(data) - {'format', 'version', 'rtm_mapping_version'}
     if missing:
         raise ValueError(f'snapshot data lacks {sorted(missing)}')
+    _check_plain(data, 'snapshot')
     data = dict(data, format=FORMAT, version=VERSION, rtm_mapping_version=__version__)
     tmp = path + '.tmp'
     torch.save(data, tmp)
@@ -72,8 +98,10 @@ def load(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:    # weights_only refuses anything but plain data
-        raise click.ClickException(f'{path}: a torch file holding Python objects that loading would have to run code for: '
-                                   f'not an RS-IMLE snapshot ({str(err).strip().splitlines()[0]}). {hint}') from err
+        found = re.search(r'(?:GLOBAL|Unsupported class) ([\w.]+)', str(err))     # newer torch | torch 2.1
+        what = f' ({found.group(1)})' if found else ''
+        raise click.ClickException(f'{path}: a torch file holding Python objects{what} that loading would have to run code for: '
+                                   f'not an RS-IMLE snapshot. {hint}') from err
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
         raise click.ClickException(f'{path}: truncated or damaged ({str(err).strip().splitlines()[0]}); a run killed while '
                                    f'copying it? Take an earlier snapshot of the run. {hint}') from err

@@ -4,6 +4,9 @@ against independent computations and sanity cases."""
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import click
 import numpy as np
@@ -245,3 +248,24 @@ def test_sweep_h_refuses_what_does_not_apply_to_imle_snapshots(setup):
     assert result.exit_code != 0 and 'options for StyleGAN pickles' in result.output
     result = CliRunner().invoke(sweep_h, ['--network', setup['mlp'], '--device', 'cpu', '--num-gen', '12'])
     assert result.exit_code != 0 and 'sweep-h needs a snapshot trained with --map=rtm' in result.output
+
+#----------------------------------------------------------------------------
+# The README's quick start.
+
+def test_readme_quick_start_runs(tmp_path, monkeypatch):
+    """The RS-IMLE quick start as a user runs it, after its install line, with the stand-in Inception network
+    installed first (no download) and without its bench line (tests/test_imle_bench.py runs that part)."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md'), encoding='utf-8').read()
+    block, = [b for b in re.findall(r'```bash\n(.*?)```', readme, flags=re.S) if 'imle train --config fewshot-imle-rtm --data imle-data.zip' in b]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert lines[0].startswith('pip install') and lines[-1] == 'rtm-mapping bench --quick --part imle'
+    detectors.standin('inception', str(tmp_path / 'inception.pt'), num_features=16)
+    script = '\n'.join(['set -euo pipefail', f'rtm-mapping() {{ "{sys.executable}" -m rtm_mapping.cli "$@"; }}',
+                        f'rtm-mapping detectors install inception {tmp_path / "inception.pt"}'] + lines[1:-1])
+    out = subprocess.run(['bash', '-c', script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, DNNLIB_CACHE_DIR=str(tmp_path / 'dnnlib')))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert len(os.listdir(tmp_path / 'imle-out')) == 17 and (tmp_path / 'imle-out-h16' / 'grid.png').is_file()
+    report, = (tmp_path / 'imle-runs').glob('*/snapshot-epoch-*-metrics.json')
+    assert json.loads(report.read_text())['num_gen'] == 32
+    assert '| 8 (native) |' in next(tmp_path.glob('snapshot-epoch-*-sweep-h.md')).read_text()

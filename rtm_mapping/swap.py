@@ -22,8 +22,8 @@ import click
 import numpy as np
 import torch
 
-from rtm_mapping import core, distill
-from stylegan2_ada_patch import checkout, train_hooks
+from rtm_mapping import adapters, core, distill
+from stylegan2_ada_patch import checkout
 
 NETWORKS = ('G', 'D', 'G_ema')
 
@@ -75,7 +75,7 @@ def is_stylegan3(net) -> bool:
 
 
 def official_generator(G) -> str:
-    """The official generator class of a stock generator, a key of train_hooks.RTM_GENERATORS. A StyleGAN3
+    """The official generator class of a stock generator, a key of adapters.RTM_GENERATORS. A StyleGAN3
     synthesis network with an `input` layer is networks_stylegan3's, as gen_images.py tells them apart."""
     if not is_stylegan3(G):
         return 'training.networks.Generator'
@@ -117,17 +117,17 @@ def rtm_generator_kwargs(G_old, steps: int) -> Dict:
     kwargs = copy.deepcopy(dict(G_old.init_kwargs))
     mapping_kwargs = dict(kwargs.get('mapping_kwargs') or {})
     mapping_kwargs.pop('num_layers', None)
-    mapping_kwargs.update(train_hooks.rtm_kwargs(steps=steps))   # H = steps, the rest core.DEFAULTS, as train.py --map=rtm writes them
+    mapping_kwargs.update(adapters.rtm_kwargs(steps=steps))   # H = steps, the rest core.DEFAULTS, as train.py --map=rtm writes them
     kwargs['mapping_kwargs'] = mapping_kwargs
     return kwargs
 
 
 def build_rtm_generator(G_old, steps: int, seed: int = 0):
-    """A new RTM generator of G_old's family (train_hooks.RTM_GENERATORS) with every tensor of G_old but the
+    """A new RTM generator of G_old's family (adapters.RTM_GENERATORS) with every tensor of G_old but the
     MLP layers copied; the RTM is initialised from `seed` (the global RNG is left as it was)."""
     import dnnlib
     from torch_utils import misc
-    class_name = train_hooks.RTM_GENERATORS[official_generator(G_old)]
+    class_name = adapters.RTM_GENERATORS[official_generator(G_old)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         G = dnnlib.util.construct_class_by_name(class_name=class_name, **rtm_generator_kwargs(G_old, steps)).eval().requires_grad_(False)
@@ -136,7 +136,7 @@ def build_rtm_generator(G_old, steps: int, seed: int = 0):
     skipped = sorted(n for n in old - new if not n.startswith('mapping.fc'))
     if skipped:
         raise click.ClickException(f'the generator has tensors that the RTM generator lacks ({", ".join(skipped[:4])}), '
-                                   f'which a swap would lose; swap supports the stock generators ({", ".join(train_hooks.RTM_GENERATORS)}) '
+                                   f'which a swap would lose; swap supports the stock generators ({", ".join(adapters.RTM_GENERATORS)}) '
                                    f'only: pass a pickle that train.py wrote with the stock networks.')
     with torch.no_grad():
         misc.copy_params_and_buffers(G_old, G, require_all=False)

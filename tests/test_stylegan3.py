@@ -168,6 +168,17 @@ def test_pickles_load_and_run_without_the_package(stylegan3_root, tmp_path, fami
     assert out.strip() == 'ok MappingNetwork 3'
 
 
+def test_two_pickles_with_different_cores_each_run_with_their_own(stylegan3_root, tmp_path):
+    # Both families' adapters, in pickles of this rtm-mapping and of one whose core differs, loaded in one process.
+    from conftest import check_two_core_versions
+    D = dict(class_name='training.networks_stylegan2.Discriminator', c_dim=0, img_resolution=16, img_channels=3, channel_base=256,
+             channel_max=32, num_fp16_res=0, conv_clamp=None, epilogue_kwargs=dict(mbstd_group_size=4))
+    specs = [dict(G=dict(class_name=f'{adapter}.Generator', z_dim=32, c_dim=0, w_dim=32, img_resolution=16, img_channels=3,
+                         mapping_kwargs=RTM, num_fp16_res=0, conv_clamp=None, **synthesis), D=D)
+             for adapter, _, synthesis in FAMILIES.values()]
+    check_two_core_versions(tmp_path, stylegan3_root, specs, adapters=[adapter for adapter, _, _ in FAMILIES.values()])
+
+
 def test_force_fp16_rebuild_keeps_rtm(stylegan3_root):
     import legacy
     G = build('stylegan3', block='attention', token_dim=16)

@@ -7,7 +7,7 @@ import json
 import torch
 from click.testing import CliRunner
 
-from rtm_mapping import bench
+from rtm_mapping.cli import main
 from rtm_mapping.imle import bench as imle_bench
 from rtm_mapping.imle import networks
 
@@ -57,7 +57,7 @@ def test_bench_quick_imle_part_reports_times_ratios_and_memory(tmp_path, monkeyp
     monkeypatch.delenv('STYLEGAN3_ROOT', raising=False)
     threads = torch.get_num_threads()
     try:        # one thread: a tiny network on a busy 2-core machine runs 10-100x slower on two
-        result = CliRunner().invoke(bench.bench, ['--quick', '--part', 'imle', '--imle-decoder', 'cifar10', '--imle-width-div', '64',
+        result = CliRunner().invoke(main, ['bench', '--quick', '--part', 'imle', '--imle-decoder', 'cifar10', '--imle-width-div', '64',
                                                   '--imle-search-images', '64', '--threads', '1', '--out', 'b.json'])
     finally:
         torch.set_num_threads(threads)

@@ -288,6 +288,12 @@ def measure_imle(run: IMLESettings) -> dict:
     return out
 
 
+def measure(run, **options) -> dict:
+    """The part's entry point as a part of `rtm-mapping bench`: run holds the bench's device and quick flag,
+    options the values of this module's options() (imle_*)."""
+    return measure_imle(settings_from_options(run.device, run.quick, options))
+
+
 def targets(result: dict, run=None) -> List[dict]:
     """The search target, as the bench JSON records targets; met is None away from the paper's settings."""
     s = result['search']

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark of rtm-mapping, one command (issue 14), about 8 minutes on one H100 or H200:
+# GPU benchmark of rtm-mapping, one command, about 8 minutes on one H100 or H200:
 #   bash scripts/gpu_bench.sh /path/to/stylegan2-ada-pytorch-or-stylegan3 [WORKDIR]
 # Stages, each timed, all on a copy of the checkout (yours is left untouched):
 #   smoke   scripts/gpu_smoke.sh: --map=rtm with the official custom CUDA ops and fp16, snapshot, the official
@@ -10,7 +10,8 @@
 #   train   train.py on a generated 32 px dataset, --map=mlp, --map=rtm, --map=rtm --map-compile: seconds per
 #           kimg over the ticks after tick 0; StyleGAN2-ADA --cfg=cifar --batch=64, StyleGAN3 --cfg=stylegan3-t --batch=32
 # Writes WORKDIR/gpu-bench.json and WORKDIR/gpu-bench.md. Without CUDA it stops at once. A stage that fails
-# is reported as such (its log is WORKDIR/STAGE.log) and the others still run.
+# is reported as such (its log is WORKDIR/STAGE.log) and the others still run. A bench stage writes
+# WORKDIR/bench-NAME.json, which the report picks up by its name (rtm_mapping/bench/gpu_report.py).
 # MAP_COMPILE=MODE picks the torch.compile mode of the captured RTM (default auto: CUDA graphs on CUDA;
 # MAP_COMPILE=default captures without CUDA graphs). TRAIN_KIMG=8: the train.py runs' length.
 set -euo pipefail
@@ -76,18 +77,6 @@ stage train-mlp train mlp "${arm_flags_mlp[@]}"
 stage train-rtm train rtm "${arm_flags_rtm[@]}"
 stage train-rtm-compile train rtm-compile "${arm_flags_rtm_compile[@]}"
 
-python - "$work" "${failed[*]:-}" "${stages[@]}" <<'PY'
-import glob, os, sys
-from rtm_mapping import bench
-work, failed, stages = sys.argv[1], sys.argv[2].split(), dict(s.split('=') for s in sys.argv[3:])
-jsons = [p for p in (os.path.join(work, f'bench-{part}.json') for part in ('dispatch', 'generator')) if os.path.isfile(p)]
-runs = {}
-for arm in bench.TRAIN_ARMS:
-    found = sorted(glob.glob(os.path.join(work, f'train-{arm}', '*', 'stats.jsonl')))
-    runs[arm] = os.path.dirname(found[-1]) if found and f'train-{arm}' not in failed else None
-table = bench.write_gpu_report(jsons, runs, {name: float(sec) for name, sec in stages.items()}, failed,
-                               os.path.join(work, 'gpu-bench.json'), os.path.join(work, 'gpu-bench.md'))
-print(table)
-PY
+python -m rtm_mapping.bench.gpu_report "$work" "${failed[*]:-}" "${stages[@]}"   # WORKDIR/bench-*.json, train-*/: one report
 echo "Wrote $work/gpu-bench.json and $work/gpu-bench.md"
 [ ${#failed[@]} -eq 0 ] || { echo "gpu_bench.sh: failed stages: ${failed[*]}" >&2; exit 1; }

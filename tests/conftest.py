@@ -2,7 +2,10 @@
 points at a checkout of NVlabs/stylegan2-ada-pytorch (or NVlabs/stylegan3); it is never vendored
 here (NVIDIA Source Code License)."""
 
+import copy
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,6 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from click.testing import CliRunner
 
 SKIP_REASON = ('needs a StyleGAN2-ADA checkout: set STYLEGAN2_ADA_ROOT to a clone (or export) of '
                'NVlabs/stylegan2-ada-pytorch to run it')
@@ -211,3 +215,87 @@ def check_two_core_versions(tmp_path, root, specs, adapters):
     out = subprocess.run([sys.executable, '-c', code, *paths[len(ours):], *paths[:len(ours)]], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split() == ['ok', str(len(paths))], out.stdout[-2000:] + out.stderr[-3000:]
+
+
+#----------------------------------------------------------------------------
+# Helpers shared by the test files (import them from conftest).
+
+OFFICIAL_ROOTS = {'stylegan2-ada': ('STYLEGAN2_ADA_ROOT', SKIP_REASON), 'stylegan3': ('STYLEGAN3_ROOT', SKIP_REASON_STYLEGAN3)}
+
+
+def official_root(codebase):
+    """The checkout of a codebase that its environment variable names, validated; skips the test when there is
+    none. Unlike the stylegan_root and stylegan3_root fixtures, it imports nothing of it."""
+    name, reason = OFFICIAL_ROOTS[codebase]
+    if not os.environ.get(name):
+        pytest.skip(reason)
+    from stylegan2_ada_patch import checkout
+    return checkout.validate(os.environ[name])
+
+
+def copy_checkout(root, dest, ignore=()):
+    """A private copy of an official checkout at dest, so that a test never touches the user's files."""
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig', *ignore))
+    return dest
+
+
+def run_patch(*args):
+    """`rtm-mapping patch ARGS` in this process: (exit code, output)."""
+    from stylegan2_ada_patch import patcher
+    result = CliRunner().invoke(patcher.patch, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def training_options(output):
+    """(the "Training options:" JSON, the "Output directory:") that a train.py run or dry run prints."""
+    text = output[output.index('Training options:') + len('Training options:'):]
+    return json.loads(text[:text.index('\n}\n') + 2]), output.split('Output directory:')[1].split('\n')[0].strip()
+
+
+def original_init(cls):
+    """The constructor of a persistent class, under persistence's Decorator."""
+    return cls.__mro__[1].__init__
+
+
+def snapshot(G, D):
+    """A pickle's dict as training_loop.py writes it, G_ema a copy of G."""
+    return dict(G=G, D=D, G_ema=copy.deepcopy(G).eval(), augment_pipe=None, training_set_kwargs=None)
+
+
+def stock_snapshot(G, D):
+    """snapshot() of official networks as a trained pickle holds them: eval mode, no gradients, and a G_ema whose
+    w_avg differs from G's (as an exponential moving average would)."""
+    G_ema = copy.deepcopy(G)
+    with torch.no_grad():
+        G_ema.mapping.w_avg.normal_()
+    return dict(G=G.eval().requires_grad_(False), D=D.eval().requires_grad_(False), G_ema=G_ema.eval().requires_grad_(False),
+                augment_pipe=None, training_set_kwargs=None)
+
+
+# Runs train.py's main() once per argument list in one process: train.py, torch and NVIDIA's code imported once.
+_TRAIN_PY_RUNS = textwrap.dedent('''
+    import contextlib, io, json, sys
+    sys.argv = ['train.py']
+    import train
+    results = []
+    for argv in json.load(sys.stdin):
+        out = io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                train.main(argv, prog_name='train.py')
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        results.append([code, out.getvalue()])
+    print(json.dumps(results))
+''')
+
+
+def train_py_runs(root, runs, env=None, timeout=600):
+    """[(exit code, output)] of `python train.py ARGS` in the checkout at root for each ARGS of runs (output:
+    stdout and stderr together), all in one fresh process. train.py's main() runs in click's standalone mode
+    each time, as from the command line; only the imports are shared."""
+    out = subprocess.run([sys.executable, '-c', _TRAIN_PY_RUNS], input=json.dumps([[str(a) for a in args] for args in runs]),
+                         cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return [tuple(result) for result in json.loads(out.stdout.splitlines()[-1])]

@@ -125,7 +125,7 @@ def generator_kwargs(config_name: str, width_div: int = 1) -> dict:
 
 def bench_decoder(decoder: str, run: IMLESettings) -> dict:
     """App. H's time per image of one decoder with the RTM mapper and with the MLP mapper."""
-    from rtm_mapping.bench import time_interleaved  # imported here: rtm_mapping.bench imports this module
+    from rtm_mapping.bench.probes import time_interleaved  # imported here: rtm_mapping.bench imports this module
     from rtm_mapping.imle import networks
     rtm_config, mlp_config, batch, paper = DECODERS[decoder]
     batch = max(1, batch // run.batch_div)
@@ -237,7 +237,7 @@ def plain_product(x: torch.Tensor, y: torch.Tensor, memory_budget: int):
 
 def bench_search(run: IMLESettings) -> dict:
     """sampler.match against one plain matrix product of the same shape, and match's memory."""
-    from rtm_mapping.bench import time_interleaved
+    from rtm_mapping.bench.probes import time_interleaved
     from rtm_mapping.imle import sampler, train
     config = configs.load_config(SEARCH_CONFIG, regime='imle')['imle']
     settings_ = train.validate_settings(config, SEARCH_CONFIG)

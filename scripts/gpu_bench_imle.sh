@@ -8,10 +8,9 @@
 # of 800) against one plain float32 product of that shape, with its peak memory. App. H's protocol takes the
 # median of 200 passes after 20; this stage takes IMLE_REPEATS=20 after IMLE_WARMUP=5 (about 25 s of the
 # three decoders' 50 passes each), enough for a median on an idle GPU; set them to 200 and 20 for the paper's.
-# In gpu_bench.sh, after the bench stages:
+# In gpu_bench.sh, after the bench stages, one line (its report, rtm_mapping.bench.gpu_report, reads every
+# WORKDIR/bench-*.json, this stage's too):
 #   stage bench-imle bash "$here/gpu_bench_imle.sh" "$work"
-# and its report reads bench-imle.json with the others (the part list of its python block: 'dispatch',
-# 'generator', 'imle').
 set -euo pipefail
 work=${1:?usage: gpu_bench_imle.sh WORKDIR}
 mkdir -p "$work"

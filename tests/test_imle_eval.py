@@ -244,6 +244,8 @@ def test_sweep_h_refuses_what_does_not_apply_to_imle_snapshots(setup):
         return CliRunner().invoke(sweep_h, ['--network', setup['rtm'], '--device', 'cpu', '--verbose', 'false', '--num-gen', '12', *args])
     result = sweep('--metrics', 'fid50k_full')
     assert result.exit_code != 0 and "rtm-mapping's own metrics" in result.output
+    result = CliRunner().invoke(sweep_h, ['--network', setup['rtm'], '--device', 'cpu', '--num-gen', '6'])
+    assert result.exit_code != 0 and 'at least 10' in result.output
     result = sweep('--mirror', 'true')
     assert result.exit_code != 0 and 'options for StyleGAN pickles' in result.output
     result = CliRunner().invoke(sweep_h, ['--network', setup['mlp'], '--device', 'cpu', '--num-gen', '12'])

@@ -67,6 +67,8 @@ def sweep_h(ctx: click.Context) -> dict:
         raise click.ClickException(f'{network} has the {G.mapper!r} mapper, whose depth is fixed; sweep-h needs a snapshot '
                                    'trained with --map=rtm. Use `rtm-mapping imle metrics` for other snapshots.')
     num_gen = p['num_gen'] or imle_metrics.default_num_gen(G)
+    if 'is' in metric_names and num_gen < imle_metrics.IS_SPLITS:
+        raise click.ClickException(f'--num-gen {num_gen}: the Inception Score needs at least {imle_metrics.IS_SPLITS} images.')
     data, max_images = imle_metrics.reference_of(network, p['data'])
     evaluator = imle_metrics.Evaluator(data, resolution=G.img_resolution, max_images=max_images, device=device, log=log)
     rows = run_sweep(G, evaluator, metric_names, steps, num_gen=num_gen, seed=seed, log=log)

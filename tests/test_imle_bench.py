@@ -74,6 +74,6 @@ def test_bench_quick_imle_part_reports_times_ratios_and_memory(tmp_path, monkeyp
     assert s['throughput_vs_product'] > 0 and abs(s['search_over_product'] * s['throughput_vs_product'] - 1) < 1e-9
     assert s['peak_bytes'] >= s['largest_bytes'] > 0 and s['full_matrix_bytes'] == 64 * 1024 * 4
     (target,) = [t for t in results['targets'] if t['name'].startswith('nearest-neighbour search')]
-    assert target['met'] is None and target['limit'] == imle_bench.SEARCH_LIMIT       # --quick: not at the target's settings
+    assert target['met'] is None and target['limit'] == imle_bench.TARGETS['search_over_product'].value       # --quick: not at the target's settings
     assert 'RS-IMLE generators, App. H' in result.output and 'throughput vs product' in result.output
     assert 'mapper' not in results      # only the parts asked for

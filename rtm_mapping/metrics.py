@@ -23,7 +23,9 @@ StyleGAN2-ADA or StyleGAN3, so that `--metrics=` of train.py and calc_metrics.py
 """
 
 import dataclasses
-from typing import Callable, Dict, Iterable, List, Optional
+import inspect
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -131,6 +133,35 @@ def prdc(
         density   = float(real_ball_count.to(torch.float64).mean() / k),
         coverage  = float(real_ball_covered.to(torch.float64).mean()),
     )
+
+
+def feature_statistics(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of [N, F] features in float64, the covariance normalised by N (not N - 1), as
+    the official FeatureStats.get_mean_cov computes them for fid50k_full."""
+    x = features.to(torch.float64)
+    mean = x.mean(dim=0)
+    centred = x - mean
+    return mean, centred.T @ centred / x.shape[0]
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017):
+    |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), with SciPy's sqrtm and the real part of
+    the result, as the official fid50k_full computes FID from feature statistics. Tensors or arrays."""
+    import numpy as np
+    import scipy.linalg
+    mu1, sigma1, mu2, sigma2 = (np.asarray(torch.as_tensor(a).cpu(), dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    product = sigma1 @ sigma2
+    with warnings.catch_warnings():
+        # Quiet on singular products (fewer images than features), as the official disp=False was: SciPy >= 1.17 warns.
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        if 'disp' in inspect.signature(scipy.linalg.sqrtm).parameters:     # SciPy < 1.18: disp=False, or it prints on singular input
+            warnings.simplefilter('ignore', DeprecationWarning)            # SciPy 1.16 and 1.17 deprecate disp
+            root = scipy.linalg.sqrtm(product, disp=False)
+            root = root[0] if isinstance(root, tuple) else root            # (root, error estimate); 1 x 1 input: the root alone
+        else:
+            root = scipy.linalg.sqrtm(product)
+    return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - 2 * root)))
 
 #----------------------------------------------------------------------------
 # Official-style metrics.

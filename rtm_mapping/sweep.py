@@ -130,7 +130,7 @@ def _default_device() -> str:
 
 @click.command()
 @click.option('network_pkl', '--network', type=str, required=True, metavar='PKL',
-              help='RTM network pickle (path or URL), e.g. a snapshot of train.py --map=rtm.')
+              help='RTM network pickle (path or URL), e.g. a snapshot of train.py --map=rtm, or an RS-IMLE snapshot (.pt).')
 @click.option('--metrics', 'metrics_text', type=str, default='fid50k_full', show_default=True, metavar='LIST',
               help='Comma-separated metrics: any of calc_metrics.py\'s, or rtm-mapping\'s (prdc_full, prdc_vgg_full).')
 @click.option('--map-h', '--h', 'steps_text', type=str, default='8,16,32,64', show_default=True, metavar='LIST',
@@ -148,16 +148,25 @@ def _default_device() -> str:
               help='Where to run G and the feature networks.')
 @click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True,
               help='Seed for the latents, the same at every H.')
+@click.option('--num-gen', type=click.IntRange(min=4), default=None, metavar='N',
+              help='RS-IMLE snapshots: generated images per H [default: the paper\'s count for the decoder].')
 @click.option('--verbose', type=bool, default=True, show_default=True, metavar='BOOL',
               help='Print progress.')
 def sweep_h(network_pkl: str, metrics_text: str, steps_text: str, data: Optional[str], mirror: Optional[bool],
-            out_json: Optional[str], out_md: Optional[str], stylegan: Optional[str], device: str, seed: int, verbose: bool):
+            out_json: Optional[str], out_md: Optional[str], stylegan: Optional[str], device: str, seed: int, num_gen: Optional[int],
+            verbose: bool):
     """Evaluate one RTM pickle at several inference H (paper §4.4, Table 4), without retraining.
 
     \b
     Example:
         rtm-mapping sweep-h --network network-snapshot-025000.pkl --metrics fid50k_full,pr50k3_full --map-h 8,16,32,64
+        rtm-mapping sweep-h --network snapshot-epoch-010000.pt --map-h 8,16,32,64      # RS-IMLE: FID, P/R, D/C, IS
     """
+    from rtm_mapping.imle import sweep as imle_sweep
+    if imle_sweep.is_snapshot(network_pkl):     # an RS-IMLE snapshot (a torch.save zip), not a pickle: its own metrics
+        return imle_sweep.sweep_h(click.get_current_context())
+    if num_gen is not None:
+        raise click.UsageError('--num-gen is for RS-IMLE snapshots; a pickle\'s metrics fix their own counts (fid50k_full: 50k).')
     checkout.use(stylegan)
     import dnnlib
     import legacy

@@ -32,6 +32,8 @@ FIGURES = {
     'mapper':       ['--threads', '1', '--repeats', '20', '--warmup', '3'],
     'memory':       [],
     'generator':    ['--config', 'cifar', '--gen-repeats', '3', '--gen-warmup', '1'],
+    'imle':         ['--threads', '1', '--imle-width-div', '8', '--imle-batch-div', '4', '--imle-repeats', '10', '--imle-warmup', '2',
+                     '--imle-search-images', '2048'],      # RS-IMLE at reduced settings: App. H's are a GPU's
 }
 
 # Experiments whose table a document shows: the JSON they wrote (`rtm-mapping mode-coverage --out DIR` writes

@@ -78,11 +78,19 @@ def _cpu_name() -> str:
     return platform.processor() or 'unknown'
 
 
+def _part_options(fn):
+    """The options of the parts that have their own (a part's options(), --<part>-...)."""
+    for module in reversed(list(PARTS.values())):
+        fn = getattr(module, 'options', lambda f: f)(fn)
+    return fn
+
+
 @click.command()
 @click.pass_context
 @click.option('--device',       type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True, help='Device to measure on.')
 @checkout.option
-@click.option('--part',         type=click.Choice(list(PARTS)), multiple=True, default=tuple(PARTS), show_default=True,
+@click.option('--part',         type=click.Choice(list(PARTS)), multiple=True, show_default=True,
+              default=tuple(name for name, module in PARTS.items() if getattr(module, 'DEFAULT', True)),
               help='Parts to run (repeatable); FLOPs always. Without a checkout, generator is skipped.')
 @click.option('--config',       type=click.Choice(list(generator.CONFIGS)), multiple=True, default=tuple(generator.CONFIGS),
               show_default=True, help='Generator configurations of the generator part (repeatable).')
@@ -99,8 +107,9 @@ def _cpu_name() -> str:
 @click.option('--threads',      type=click.IntRange(min=1), default=None, help='torch CPU threads  [default: torch\'s choice]')
 @click.option('--out',          type=click.Path(dir_okay=False), default='rtm-bench.json', show_default=True, help='JSON results file.')
 @click.option('--quick',        is_flag=True, help='Tiny settings, a smoke test of the command (not a measurement).')
+@_part_options
 def bench(ctx, device, stylegan, part, config, batch, repeats, warmup, gen_repeats, gen_warmup, map_h, compile_mode, paper512_channel_div,
-          threads, out, quick):
+          threads, out, quick, **part_options):
     """Benchmark RTM against the MLP mapper, side by side, and judge the speed and memory targets.
 
     Each time is a median over repeats after warm-up, with the mappers (or generators) timed
@@ -150,7 +159,7 @@ def bench(ctx, device, stylegan, part, config, batch, repeats, warmup, gen_repea
         if name not in part or (getattr(module, 'NEEDS_CHECKOUT', False) and not run.official):
             continue
         click.echo(f'{name}: {module.TITLE} ...', err=True)
-        results[name] = module.measure(run)
+        results[name] = module.measure(run, **{key: value for key, value in part_options.items() if key.startswith(f'{name}_')})
         targets += module.targets(results[name], run)
     results['flops'] = mapper.flops(run.official)
 

@@ -10,15 +10,20 @@ A part module defines:
                                             re-renders bench JSONs written earlier).
     NEEDS_CHECKOUT = True                   optional: the part builds official networks; skipped without
                                             a StyleGAN2-ADA checkout.
+    DEFAULT = False                         optional: run only when named with --part.
+    options(fn)                             optional: a decorator adding the part's own options, named
+                                            --<part>-...; measure(run, **their values) then receives them.
 
 A new part is a new module here and its entry in PARTS.
 """
 
 from rtm_mapping.bench.parts import dispatch, generator, mapper, memory
+from rtm_mapping.imle import bench as imle
 
 PARTS = {
     'mapper':       mapper,
     'dispatch':     dispatch,
     'memory':       memory,
     'generator':    generator,
+    'imle':         imle,           # RS-IMLE (rtm_mapping/imle/bench.py): only with --part imle
 }

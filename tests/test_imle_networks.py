@@ -213,3 +213,16 @@ def test_bad_options_say_what_is_allowed():
         Generator(decoder='cifar10', decoder_kwargs=dict(stages=((1, 1), (3, 2), (4, 1))))
     with pytest.raises(ValueError, match='z must have shape'):
         tiny()(torch.randn([2, 17]))
+
+
+def test_the_constant_and_the_1x1_stage_reach_the_image():
+    # A 1x1 map upsampled is uniform over space; instance-normalising it would zero every feature, and the
+    # constant and the 1x1 blocks would get gradients ~1e-6 of the next stage's. The norm is skipped there.
+    G = Generator(decoder='fewshot', z_dim=32, w_dim=32, mapper_kwargs=dict(steps=2),
+                  decoder_kwargs=dict(width=32, stages=((1, 2), (4, 2), (8, 1)), noise_max_res=0))
+    G(torch.randn([4, 32])).square().mean().backward()
+    first_4x4 = G.synthesis.blocks[2]
+    assert not G.synthesis.blocks[0].adain.normalize and not first_4x4.adain.normalize and G.synthesis.blocks[3].adain.normalize
+    at_1x1 = G.synthesis.blocks[0].block.conv1.weight.grad.norm()
+    at_4x4 = G.synthesis.blocks[3].block.conv1.weight.grad.norm()
+    assert G.synthesis.const.grad.norm() > 1e-3 * at_4x4 and at_1x1 > 1e-3 * at_4x4

@@ -117,10 +117,16 @@ class NoiseInjection(torch.nn.Module):
 class AdaIN(torch.nn.Module):
     """Adaptive instance normalization (Huang & Belongie 2017) as RS-IMLE's decoder has it:
     gamma(w) * InstanceNorm(x) + beta(w), gamma and beta from one nn.Linear of w whose bias starts at 1
-    (gamma) and 0 (beta); instance norm eps 1e-2, skipped at 1x1, where it would zero every feature."""
+    (gamma) and 0 (beta); instance norm eps 1e-2.
 
-    def __init__(self, channels: int, w_dim: int):
+    normalize=False skips the instance norm where the features hold one value per channel: the 1x1 stage
+    and the block that upsamples from it (nearest upsampling of a 1x1 map is spatially uniform). Normalising
+    a uniform map sets every feature to zero, so the constant and the 1x1 blocks would reach the image with
+    gradients ~1e-6 of the others' (measured at initialisation); RS-IMLE's code skips the norm at 1x1 only."""
+
+    def __init__(self, channels: int, w_dim: int, normalize: bool = True):
         super().__init__()
+        self.normalize = normalize
         self.style = torch.nn.Linear(w_dim, 2 * channels)
         with torch.no_grad():
             self.style.bias[:channels] = 1
@@ -128,7 +134,7 @@ class AdaIN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.style(w).to(x.dtype)[:, :, None, None].chunk(2, dim=1)
-        if x.shape[2] * x.shape[3] > 1:
+        if self.normalize:
             x = F.instance_norm(x, eps=1e-2)
         return torch.addcmul(beta, gamma, x)
 
@@ -190,7 +196,7 @@ class DecoderBlock(torch.nn.Module):
         super().__init__()
         self.resolution, self.up = resolution, up
         self.noise = NoiseInjection(width) if noise else None
-        self.adain = AdaIN(width, w_dim)
+        self.adain = AdaIN(width, w_dim, normalize=resolution // up > 1)   # the features' own resolution, before upsampling
         if block == 'residual':
             self.block = ResidualBlock(width, bottleneck, num_blocks, resolution)
         else:

@@ -564,7 +564,8 @@ class StyleMapping:
                     update_w_avg: bool = False) -> torch.Tensor:
         """The official MappingNetwork.forward with the RTM as its layers; the adapter says when to update w_avg.
         Batches with a non-finite mean leave w_avg as it was (the training loops feed torch.empty()
-        through G at start-up, see misc.print_module_summary)."""
+        through G at start-up, see misc.print_module_summary), and a non-finite w_avg (one copied by --resume
+        from a stock snapshot whose start-up made it NaN) restarts from the next finite batch mean."""
         with torch.autograd.profiler.record_function('input'):
             x = self.mapper_input(z, c)
         x = self.rtm(x)
@@ -572,7 +573,7 @@ class StyleMapping:
         if update_w_avg and self.w_avg_beta is not None:
             with torch.autograd.profiler.record_function('update_w_avg'):
                 batch_avg = x.detach().mean(dim=0)
-                new_avg = batch_avg.lerp(self.w_avg, self.w_avg_beta)
+                new_avg = torch.where(torch.isfinite(self.w_avg).all(), batch_avg.lerp(self.w_avg, self.w_avg_beta), batch_avg)
                 self.w_avg.copy_(torch.where(torch.isfinite(batch_avg).all(), new_avg, self.w_avg))
 
         if self.num_ws is not None:

@@ -87,6 +87,16 @@ def test_w_avg_survives_a_non_finite_batch(stylegan_root):
     assert torch.isfinite(G.mapping.w_avg).all()
 
 
+def test_a_non_finite_w_avg_restarts_from_the_next_finite_batch(stylegan_root):
+    # A stock snapshot's w_avg can be NaN (the official mapper has no guard); --resume with --map=rtm copies it.
+    G = build().train()
+    G.mapping.w_avg.fill_(float('nan'))
+    z = torch.randn(8, 64)
+    w = G.mapping(z, None)[:, 0]
+    torch.testing.assert_close(G.mapping.w_avg, w.detach().mean(0))
+    assert torch.isfinite(G.mapping(z, None, truncation_psi=0.7)).all()
+
+
 def test_official_loss_phases_with_style_mixing_and_augment(stylegan_root):
     from training.augment import AugmentPipe
     from training.loss import StyleGAN2Loss

@@ -136,7 +136,8 @@ def bench(ctx, device, stylegan, part, config, batch, repeats, warmup, gen_repea
     if flush_denormal:
         ctx.call_on_close(lambda: torch.set_flush_denormal(False))
     notes = []
-    root = find_checkout(stylegan, notes)
+    uses_checkout = stylegan is not None or any(getattr(PARTS[name], 'USES_CHECKOUT', True) for name in part)
+    root = find_checkout(stylegan, notes) if uses_checkout else None
     run = settings(dev, official=root is not None, quick=quick, compile_mode=compile_mode, configs=config,
                    paper512_channel_div=paper512_channel_div, batch=batch, repeats=repeats, warmup=warmup,
                    gen_repeats=gen_repeats, gen_warmup=gen_warmup, map_h=map_h)

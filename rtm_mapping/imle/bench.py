@@ -279,6 +279,7 @@ def bench_search(run: IMLESettings) -> dict:
 # The part, as `rtm-mapping bench` runs its parts.
 
 DEFAULT = False     # run only when asked for (--part imle): its full settings are App. H's, for a GPU
+USES_CHECKOUT = False   # pure PyTorch: no StyleGAN checkout is looked for when only this part runs
 
 
 def measure_imle(run: IMLESettings) -> dict:

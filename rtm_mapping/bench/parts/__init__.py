@@ -11,6 +11,8 @@ A part module defines:
     NEEDS_CHECKOUT = True                   optional: the part builds official networks; skipped without
                                             a StyleGAN2-ADA checkout.
     DEFAULT = False                         optional: run only when named with --part.
+    USES_CHECKOUT = False                   optional: the part never builds official networks, so a run of
+                                            such parts alone does not look for a checkout.
     options(fn)                             optional: a decorator adding the part's own options, named
                                             --<part>-...; measure(run, **their values) then receives them.
 

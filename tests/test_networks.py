@@ -90,6 +90,9 @@ def test_w_avg_survives_a_non_finite_batch(stylegan_root):
 def test_official_loss_phases_with_style_mixing_and_augment(stylegan_root):
     from training.augment import AugmentPipe
     from training.loss import StyleGAN2Loss
+
+    from stylegan2_ada_patch import compat
+    compat.fix_grid_sample()    # as the patched train.py does: R1 through ADA's geometric augmentations on any torch
     torch.manual_seed(0)
     G, D = build(c_dim=3).train(), build_d(c_dim=3).train()
     augment = AugmentPipe(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1, brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)

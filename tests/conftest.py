@@ -2,6 +2,7 @@
 points at a checkout of NVlabs/stylegan2-ada-pytorch (or NVlabs/stylegan3); it is never vendored
 here (NVIDIA Source Code License)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,8 +18,10 @@ SKIP_REASON = ('needs a StyleGAN2-ADA checkout: set STYLEGAN2_ADA_ROOT to a clon
 SKIP_REASON_STYLEGAN3 = ('needs a StyleGAN3 checkout: set STYLEGAN3_ROOT to a clone (or export) of '
                          'NVlabs/stylegan3 to run it')
 
-# StyleGAN3's torch_utils/ops import pkg_resources (gone from setuptools >= 81): tests/shims has a stand-in.
+# StyleGAN3's torch_utils/ops import pkg_resources (gone from setuptools >= 81): tests/shims has a stand-in, put on the
+# path only where setuptools has none (through PYTHONPATH it comes before site-packages and would shadow the real one).
 SHIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shims')
+SHIM_PATHS = [SHIMS] if importlib.util.find_spec('pkg_resources') is None else []
 
 # Modules that belong to one checkout: the official packages and scripts, and our adapters that import them.
 CHECKOUT_MODULES = ('dnnlib', 'legacy', 'torch_utils', 'training', 'metrics', 'train', 'calc_metrics', 'generate',
@@ -63,7 +66,7 @@ def stylegan3_root():
         del sys.modules[name]
     sys.modules.update(_stylegan3_modules)
     other = os.environ.get('STYLEGAN2_ADA_ROOT')
-    sys.path[:] = [root] + [p for p in sys.path if not (other and p == os.path.abspath(other))] + [SHIMS]
+    sys.path[:] = [root] + [p for p in sys.path if not (other and p == os.path.abspath(other))] + SHIM_PATHS
     try:
         yield root
     finally:
@@ -88,8 +91,8 @@ _NOT_INSTALLED = textwrap.dedent('''
 
 def run_stock(script: str, cwd, root, argv=()) -> str:
     """Run Python code, with sys.argv[1:] = argv, in a fresh process that has only the checkout at root (and
-    tests/shims last) on its path: rtm-mapping cannot be imported. Returns stdout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), SHIMS]), PYTHONDONTWRITEBYTECODE='1')
+    tests/shims where there is no pkg_resources) on its path: rtm-mapping cannot be imported. Returns stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *SHIM_PATHS]), PYTHONDONTWRITEBYTECODE='1')
     code = _NOT_INSTALLED + textwrap.dedent(script)
     out = subprocess.run([sys.executable, '-c', code, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 import inspect
 import io
+import os
 import pickle
 import sys
 
@@ -187,7 +188,8 @@ def _ddp_worker(rank, init_file, root, result_file):
     grads = torch.cat([p.grad.flatten() for p in G.mapping.parameters()])
     misc.check_ddp_consistency(G.mapping, ignore_regex=r'.*\.w_avg')
     torch.save(dict(carry=carry, grads=grads, missing=[n for n, p in G.mapping.named_parameters() if p.grad is None]), f'{result_file}.{rank}')
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()     # both results written; then no gloo teardown: on torch 2.1, destroy_process_group
+    os._exit(0)                     # sometimes hung for good in one worker after the other had exited
 
 
 def test_ddp_two_processes_gloo(stylegan_root, tmp_path):

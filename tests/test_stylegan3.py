@@ -230,9 +230,9 @@ def test_edited_train_py_is_refused_untouched(sg3_checkout):
 
 
 def shim_env():
-    """The environment of the official scripts: tests/shims last on the path (pkg_resources, see conftest)."""
-    from conftest import SHIMS
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in [os.environ.get('PYTHONPATH'), SHIMS] if p]), PYTHONDONTWRITEBYTECODE='1')
+    """The environment of the official scripts: tests/shims last on the path where there is no pkg_resources (see conftest)."""
+    from conftest import SHIM_PATHS
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in [os.environ.get('PYTHONPATH'), *SHIM_PATHS] if p]), PYTHONDONTWRITEBYTECODE='1')
 
 
 def train(root, *args, timeout=300):

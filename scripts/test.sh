@@ -81,9 +81,8 @@ run_env() {  # run_env NAME PYTHON PIP_ARGS...: build the environment, then chec
     changes_nothing "$venv"
     if [ "$name" = newest ]; then "$venv/bin/python" -m pip uninstall -q -y rtm-mapping && offline_install "$venv"; fi
     "$venv/bin/python" -m ruff check .
-    start=$SECONDS
-    (cd "$repo" && env -u VIRTUAL_ENV PATH="/usr/bin:/bin" "$venv/bin/python" -m pytest -q -p no:cacheprovider)
-    echo "=== $name: suite in $((SECONDS - start)) s"
+    local TIMEFORMAT="=== $name: suite in %0R s (CPU: %0U s user, %0S s system; wall time depends on the machine's load)"
+    time (cd "$repo" && env -u VIRTUAL_ENV PATH="/usr/bin:/bin" "$venv/bin/python" -m pytest -q -p no:cacheprovider)
 }
 
 envs=("$@")

@@ -15,10 +15,10 @@ COMMANDS = {
     'train':        ('rtm_mapping.configs',         'train',        'Run the patched train.py with a config from training_configs/.'),
     'detectors':    ('rtm_mapping.detectors',       'detectors',    'Install or list the feature networks the metrics use, for offline machines.'),
     'sweep-h':      ('rtm_mapping.sweep',           'sweep_h',      'Evaluate one RTM pickle at several inference H (Table 4).'),
-    'bench':        ('rtm_mapping.bench',           'bench',        'Benchmark RTM against the MLP mapper, side by side.'),
+    'bench':        ('rtm_mapping.bench.command',   'bench',        'Benchmark RTM against the MLP mapper, side by side.'),
     'swap':         ('rtm_mapping.swap',            'swap',         'Replace the mapper of a pretrained pickle with a distilled RTM.'),
-    'info':         ('rtm_mapping.swap',            'info',         'Describe the networks of a pickle.'),
-    'set-h':        ('rtm_mapping.swap',            'set_h',        'Store another inference H in an RTM pickle.'),
+    'info':         ('rtm_mapping.info',            'info',         'Describe the networks of a pickle.'),
+    'set-h':        ('rtm_mapping.set_h',           'set_h',        'Store another inference H in an RTM pickle.'),
     'mode-coverage': ('rtm_mapping.mode_coverage',  'mode_coverage', 'Toy GAN on CPU: modes covered by RTM against the MLP mapper.'),
 }
 

@@ -12,13 +12,15 @@ import sys
 
 import click
 
+from rtm_mapping import adapters
 from stylegan2_ada_patch import checkout, patcher
 
 # Keys a config may set under "train": train.py options (official ones and the patch's), by type.
 TRAIN_KEYS = {
     'cfg': str, 'cond': bool, 'mirror': bool, 'subset': int, 'kimg': int, 'batch': int, 'gamma': float,
     'aug': str, 'p': float, 'target': float, 'augpipe': str, 'freezed': int, 'metrics': str, 'snap': int, 'seed': int,
-    'map': str, 'map_h': int, 'map_l': int, 'map_block': str, 'map_tokens': int, 'map_token_dim': int, 'map_depth': int,
+    'map': str, 'map_depth': int,
+    **{adapters.option_key(argument): int if choices is None else str for argument, (_, _, choices) in adapters.TRAIN_OPTIONS.items()},
 }
 CONFIG_KEYS = {'source', 'notes', 'train'}
 

@@ -4,10 +4,10 @@ Implements Algorithm 1 of "Recursive Token Mapper" (arXiv 2605.15309, §3.2 and 
 a small shared block f is applied H * (L + 1) times to a pair of token states,
 and only the last H-step is differentiated through ("short gradient").
 
-This module imports nothing but torch, on purpose: StyleGAN pickles embed the source
+This module imports nothing but torch (and the standard library), on purpose: StyleGAN pickles embed the source
 of this file (see rtm_mapping/networks.py), so it must run wherever torch runs.
 
-Speed (issue 14). A GPU pays per launched kernel, and the recursion calls the shared block
+Speed. A GPU pays per launched kernel, and the recursion calls the shared block
 H * (L + 1) = 32 times per mapper call. So everything that does not change between block calls
 is computed once per call (`MixerBlock.prepare`: the equalized-learning-rate gains, the casts,
 the RMSNorm constants), residuals are fused into their matrix product (addmm / baddbmm), and the
@@ -16,7 +16,10 @@ without transposes. `set_compile` captures the recursion with torch.compile (opt
 stored in pickles or copies).
 """
 
+import inspect
 import math
+import sys
+import types
 from typing import NamedTuple, Optional
 
 import torch
@@ -83,6 +86,22 @@ def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """StyleGAN's PixelNorm (normalize_2nd_moment) over the feature axis, in float32."""
     y = x.to(torch.float32)
     return y * torch.rsqrt(y.square().mean(dim=1, keepdim=True) + eps)
+
+
+def unit_trunc_normal(shape, generator: torch.Generator, bound: float = 2.0) -> torch.Tensor:
+    """A normal distribution truncated at +-bound of its standard deviation, rescaled to unit variance:
+    TRM's trunc_normal_init_ with std 1 (the truncated normal of JAX and Flax). torch.nn.init.trunc_normal_
+    (std=1, a=-2, b=2) draws the same shape with standard deviation 0.88, the std of N(0, 1) cut at +-2.
+
+    Args:
+        shape: Shape of the float32 result.
+        generator: The random generator to draw from.
+        bound: Truncation point, in standard deviations of the normal before truncation.
+    """
+    sample = torch.nn.init.trunc_normal_(torch.empty(shape), std=1.0, a=-bound, b=bound, generator=generator)
+    mass = math.erf(bound / math.sqrt(2))                           # P(|x| < bound) for x ~ N(0, 1)
+    density = math.exp(-bound ** 2 / 2) / math.sqrt(2 * math.pi)    # N(0, 1) density at the bound
+    return sample / math.sqrt(1 - 2 * bound * density / mass)       # divided by the truncated normal's std
 
 
 def swiglu_hidden(dim: int, expansion: float) -> int:
@@ -165,7 +184,10 @@ class MixerBlock(torch.nn.Module):
 
     Token mixing: SwiGLU along the token axis, residual, RMSNorm (over that axis, as TRM's mlp_t).
     Channel mixing: SwiGLU along the channel axis, residual, RMSNorm.
-    Equivalent to TinyRecursiveModels' TinyRecursiveReasoningModel_ACTV1Block with mlp_t=True.
+    Equal to TinyRecursiveModels' TinyRecursiveReasoningModel_ACTV1Block with mlp_t=True where TRM's
+    rounding of the SwiGLU hidden widths up to a multiple of 256 is a no-op (each round(8/3 * width)
+    already a multiple of 256); otherwise TRM's hidden layers are wider (swiglu_hidden: at the
+    defaults, 11 and 341 here against 256 and 512 in TRM).
     """
 
     def __init__(self, tokens: int, token_dim: int, expansion: float, eps: float, lr_multiplier: float = 1.0):
@@ -359,6 +381,8 @@ class RecursiveTokenMapper(torch.nn.Module):
             see DEFAULTS. None of them but tokens, token_dim, block and expansion changes the
             parameters, so steps, inner_steps and grad_steps can be changed on a trained model.
         lr_multiplier: Equalized learning-rate multiplier of every layer (StyleGAN uses 0.01).
+        input_norm: PixelNorm the input first (Algorithm 1, line 1). False where the caller has normalised
+            it: a StyleGAN MappingNetwork normalises z and the label embedding each on its own (StyleMapping).
     """
 
     _compile_mode: Optional[str] = None     # set_compile(); an instance attribute, left out of pickles and copies
@@ -378,6 +402,7 @@ class RecursiveTokenMapper(torch.nn.Module):
         grad_steps: int = DEFAULTS['grad_steps'],
         eps: float = DEFAULTS['eps'],
         lr_multiplier: float = 1.0,
+        input_norm: bool = True,
     ):
         super().__init__()
         for name, value in dict(in_features=in_features, out_features=out_features, tokens=tokens, token_dim=token_dim, heads=heads).items():
@@ -393,6 +418,7 @@ class RecursiveTokenMapper(torch.nn.Module):
         self.tokens = tokens
         self.token_dim = token_dim
         self.block_name = block
+        self.input_norm = bool(input_norm)
         self.set_steps(steps=steps, inner_steps=inner_steps, grad_steps=grad_steps)
 
         self.lift = Linear(in_features, tokens * token_dim, lr_multiplier=lr_multiplier)     # W_proj, b_proj
@@ -404,9 +430,9 @@ class RecursiveTokenMapper(torch.nn.Module):
 
         # Fixed carry vectors Z_H^init, Z_L^init (TRM's H_init / L_init: one unit-variance
         # vector each, shared by all tokens). Drawn from a private generator, so every DDP rank
-        # and every rebuild from the constructor arguments gets the same values.
-        generator = torch.Generator().manual_seed(CARRY_SEED)
-        carry = torch.nn.init.trunc_normal_(torch.empty([2, token_dim]), std=1.0, a=-2.0, b=2.0, generator=generator)
+        # and every rebuild from the constructor arguments gets the same values. They are
+        # buffers: a pickle or state dict keeps the values it was written with.
+        carry = unit_trunc_normal([2, token_dim], torch.Generator().manual_seed(CARRY_SEED))
         self.register_buffer('h_init', carry[0].clone())
         self.register_buffer('l_init', carry[1].clone())
 
@@ -476,7 +502,7 @@ class RecursiveTokenMapper(torch.nn.Module):
         """Map z [batch, in_features] to w [batch, out_features] (float32).
 
         Args:
-            z: Latent (or latent and label embedding), any scale: it is PixelNorm-ed first.
+            z: Latent (or latent and label embedding), any scale: it is PixelNorm-ed first (unless input_norm=False).
             steps, inner_steps: Override H and L for this call only (positive integers).
         Returns:
             w, float32 unless run under autocast.
@@ -487,7 +513,7 @@ class RecursiveTokenMapper(torch.nn.Module):
         grad_steps = min(self.grad_steps, steps)
 
         # Algorithm 1, line 1: project noise to tokens.
-        z0 = self.lift(pixel_norm(z)).reshape(-1, self.tokens, self.token_dim)
+        z0 = self.lift(pixel_norm(z) if self.input_norm else z).reshape(-1, self.tokens, self.token_dim)
         # Lines 2-11: the recursion, eager or captured (set_compile).
         mode = self._compile_mode or _compile_default
         recurse = type(self).recurse if mode is None else compiled(type(self).recurse, mode, z0.device.type)
@@ -498,6 +524,7 @@ class RecursiveTokenMapper(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f'tokens={self.tokens}, token_dim={self.token_dim}, block={self.block_name!r}, '
                 f'steps={self.steps}, inner_steps={self.inner_steps}, grad_steps={self.grad_steps}'
+                + ('' if self.input_norm else ', input_norm=False')
                 + ('' if self._compile_mode is None else f', compile={self._compile_mode!r}'))
 
 #----------------------------------------------------------------------------
@@ -508,8 +535,35 @@ class RecursiveTokenMapper(torch.nn.Module):
 # (StyleGAN3). It lives in this file because every RTM pickle carries this file (the RTM's
 # layers get persistent classes) and no other of ours: an adapter unpickled without rtm-mapping
 # installed finds it here. Pure torch; the official parts come from the adapter.
+#
+# Each adapter runs with the core of its own pickle, named exactly. torch_utils.persistence pickles the
+# source of the module of each persistent class and, unpickling, runs each source once per process (a
+# source it has seen before gives the module it made then). So the source an adapter pickles is its file
+# with the line `CORE_SOURCE = None` replaced by this file's source (pickle_adapter_with_core); unpickled,
+# that copy takes persistence's module for that core source, the module the RTM layers of the same pickle
+# run in, whatever else the process has loaded and in whichever order. Pickles whose cores differ carry
+# different adapter sources, hence get different adapter modules.
 
+ADAPTER_CORE_LINE = 'CORE_SOURCE = None'
 _persistent_classes = dict()    # (persistent_class, class) -> persistent subclass
+
+
+def pickle_adapter_with_core(adapter: types.ModuleType, persistence) -> None:
+    """Make torch_utils.persistence pickle `adapter` with the source of this core in it (see above).
+
+    Args:
+        adapter: An installed adapter module, while it is imported: before it defines its persistent classes.
+        persistence: The official torch_utils.persistence module the adapter decorates its classes with.
+    """
+    core_source = persistence._module_to_src(sys.modules[__name__])     # what the RTM layers' persistent classes carry
+    lines = inspect.getsource(adapter).split('\n')
+    if lines.count(ADAPTER_CORE_LINE) != 1:
+        raise RuntimeError(f'{adapter.__name__} must have the line {ADAPTER_CORE_LINE!r} exactly once: its pickles name their core there')
+    lines[lines.index(ADAPTER_CORE_LINE)] = f'CORE_SOURCE = {core_source!r}'
+    source = '\n'.join(lines)
+    persistence._module_to_src_dict[adapter] = source       # persistence._module_to_src(adapter) from now on
+    persistence._src_to_module_dict[source] = adapter
+
 
 class StyleMapping:
     """Mixin for a StyleGAN MappingNetwork whose layers are one RecursiveTokenMapper, `self.rtm`.
@@ -521,9 +575,10 @@ class StyleMapping:
     def build_rtm(self, persistence, lr_multiplier: float, **rtm_kwargs) -> RecursiveTokenMapper:
         """A RecursiveTokenMapper from mapper_input() to w, each submodule re-classed to a persistent
         subclass by the official `persistence` module (adding no state, as torch.nn.utils.parametrize
-        does), so that pickles embed this file."""
+        does), so that pickles embed this file. mapper_input() has PixelNorm-ed its input: the RTM
+        does not again (input_norm=False)."""
         in_features = self.z_dim + (self.embed.weight.shape[0] if self.c_dim > 0 else 0)
-        rtm = RecursiveTokenMapper(in_features, self.w_dim, lr_multiplier=lr_multiplier, **rtm_kwargs)
+        rtm = RecursiveTokenMapper(in_features, self.w_dim, lr_multiplier=lr_multiplier, input_norm=False, **rtm_kwargs)
         for m in rtm.modules():
             if not persistence.is_persistent(m):
                 key = (persistence.persistent_class, type(m))

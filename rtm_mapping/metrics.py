@@ -33,35 +33,51 @@ from stylegan2_ada_patch import checkout
 #----------------------------------------------------------------------------
 # The math.
 
-def _block_distances(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances [len(rows), len(cols)], computed in float32."""
-    return torch.cdist(rows.to(torch.float32).unsqueeze(0), cols.to(torch.float32).unsqueeze(0))[0]
+def _mean64(*feature_sets: torch.Tensor) -> torch.Tensor:
+    """The mean of all rows of the given [N, F] sets, in float64 (summed without a float64 copy of them)."""
+    total = sum(features.sum(dim=0, dtype=torch.float64) for features in feature_sets)
+    return total / sum(features.shape[0] for features in feature_sets)
+
+
+def _block_distances(rows: torch.Tensor, cols: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances [len(rows), len(cols)] in float64, both blocks shifted by `centre` first.
+
+    torch.cdist computes them through the matrix product, |x - c|^2 + |y - c|^2 - 2 (x - c).(y - c), which
+    cancels: in float32, features far from the origin (an offset of 100 in every feature) lose the digits
+    that decide whether a point is inside a ball. Centred on the features' mean and in float64, as the
+    reference `prdc` computes its distances (scikit-learn's pairwise_distances upcasts float32 to float64),
+    the comparisons with the radii agree with an exact computation but for ties.
+    """
+    rows = rows.to(torch.float64) - centre
+    cols = cols.to(torch.float64) - centre
+    return torch.cdist(rows.unsqueeze(0), cols.unsqueeze(0))[0]
 
 
 def knn_radii(features: torch.Tensor, k: int, row_batch_size: int = 10000, col_batch_size: int = 10000) -> torch.Tensor:
     """Distance from each row to its k-th nearest neighbour among the other rows, NND_k.
 
-    Memory is bounded by one [row_batch_size, col_batch_size + k + 1] block: the k + 1 smallest
-    distances of each row (itself included, at distance 0) are kept while the columns stream by.
+    Memory is bounded by one [row_batch_size, col_batch_size] block of float64 distances: the k + 1
+    smallest distances of each row (itself included, at distance 0) are kept while the columns stream by.
 
     Args:
         features: [N, F] feature vectors, N > k.
         k: Neighbourhood size; the point itself does not count.
         row_batch_size, col_batch_size: Block size of the distance computation.
     Returns:
-        [N] float32 radii, on the device of `features`.
+        [N] float64 radii, on the device of `features`.
     """
     num = features.shape[0]
     if not (isinstance(k, int) and 1 <= k < num):
         raise ValueError(f'k must be an integer in [1, {num - 1}] for {num} feature vectors, got {k!r}')
+    centre = _mean64(features)
     radii = []
     for rows in features.split(row_batch_size):
         best = None
         for cols in features.split(col_batch_size):
-            dist = _block_distances(rows, cols)
-            if best is not None:
-                dist = torch.cat([best, dist], dim=1)
-            best = dist.topk(min(k + 1, dist.shape[1]), dim=1, largest=False).values
+            dist = _block_distances(rows, cols, centre)
+            nearest = dist.topk(min(k + 1, dist.shape[1]), dim=1, largest=False).values
+            best = nearest if best is None else torch.cat([best, nearest], dim=1)
+            best = best.topk(min(k + 1, best.shape[1]), dim=1, largest=False).values
         radii.append(best[:, k])    # best[:, 0] is the point itself.
     return torch.cat(radii)
 
@@ -76,7 +92,8 @@ def prdc(
     """Precision, recall, density and coverage of fake features against real ones (see the module docstring).
 
     One pass over [fake block, real block] distance blocks after the two radius passes, so
-    memory stays at one block even for 50k x 50k sets.
+    memory stays at one block of float64 distances even for 50k x 50k sets. Distances are computed
+    in float64 on features centred on their mean (see _block_distances).
 
     Args:
         real_features: [N, F] reference features X.
@@ -91,6 +108,7 @@ def prdc(
     real_radii = knn_radii(real_features, k, row_batch_size, col_batch_size)
     fake_radii = knn_radii(fake_features, k, row_batch_size, col_batch_size)
 
+    centre = _mean64(real_features, fake_features)
     device = real_features.device
     fake_in_real_ball = torch.zeros([fake_features.shape[0]], dtype=torch.bool, device=device)    # precision
     real_ball_count   = torch.zeros([fake_features.shape[0]], dtype=torch.int64, device=device)   # density
@@ -100,7 +118,7 @@ def prdc(
         fakes = slice(fake_start, fake_start + row_batch_size)
         for real_start in range(0, real_features.shape[0], col_batch_size):
             reals = slice(real_start, real_start + col_batch_size)
-            dist = _block_distances(fake_features[fakes], real_features[reals])     # [fakes, reals]
+            dist = _block_distances(fake_features[fakes], real_features[reals], centre)     # [fakes, reals]
             inside_real = dist < real_radii[reals].unsqueeze(0)                     # Y_j in B(X_i, NND_k(X_i))
             inside_fake = dist < fake_radii[fakes].unsqueeze(1)                     # X_i in B(Y_j, NND_k(Y_j))
             fake_in_real_ball[fakes] |= inside_real.any(dim=1)
@@ -125,7 +143,7 @@ class PRDCMetric:
     k:              int = 5         # Neighbourhood size.
     max_real:       Optional[int] = 200000   # Reference images: the dataset without x-flips, at most this many; None = all.
     num_gen:        Optional[int] = None     # Generated images, None = as many as reference images (StudioGAN's protocol).
-    row_batch_size: int = 10000     # Block size of the distance computation (memory: one block of float32 distances).
+    row_batch_size: int = 10000     # Block size of the distance computation (memory: one block of float64 distances).
     col_batch_size: int = 10000
     doc:            str = ''
 

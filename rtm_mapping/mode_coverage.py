@@ -2,7 +2,7 @@
 
 The paper's Table 3 claims that RTM improves coverage and recall (AFHQ-512 recall 0.507 -> 0.565); that
 needs GPUs for days. This is the experiment anyone can rerun in minutes: a generator made of a mapper
-(the official 2- and 8-layer MLP structure, `bench.ReferenceMLP`, and RTM at H = 1, 4, 16) followed by
+(the official 2- and 8-layer MLP structure, `mlp.ReferenceMLP`, and RTM at H = 1, 4, 16) followed by
 the same small MLP decoder, trained as a GAN on distributions with known modes (the 2-D ring of 8 and
 grid of 25 Gaussians of the mode-collapse literature, e.g. PacGAN, Lin et al. 2018, here with wider
 modes; and 100 modes on corners of a 10-D hypercube embedded in 64-D). Every mapper gets the same
@@ -15,6 +15,7 @@ Summaries: medians over seeds with percentile-bootstrap intervals over seeds, an
 paired differences against the 2-layer MLP (same seed, hence same data, latents and decoder start).
 """
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -36,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from rtm_mapping import __version__
-from rtm_mapping.bench import ReferenceMLP
 from rtm_mapping.core import RecursiveTokenMapper
 from rtm_mapping.metrics import prdc
+from rtm_mapping.mlp import ReferenceMLP
 
 #----------------------------------------------------------------------------
 # What is run, in one place.
@@ -255,6 +256,76 @@ class Stacked:
 #----------------------------------------------------------------------------
 # One mapper on one dataset, all seeds at once.
 
+@dataclasses.dataclass
+class Group:
+    """One GAN per seed for one mapper on one dataset, the seeds stacked into one computation (Stacked),
+    with each seed's own streams of real batches and latents."""
+    seeds:          List[int]
+    G:              Stacked
+    D:              Stacked
+    opt_G:          torch.optim.Optimizer
+    opt_D:          torch.optim.Optimizer
+    data_gens:      List[torch.Generator]   # Real batches of each seed.
+    z_gens:         List[torch.Generator]   # Latents of each seed.
+    mapper_start:   Dict[str, torch.Tensor] # The mappers' weights before training.
+
+    @staticmethod
+    def build(dataset: ModeDataset, mapper_name: str, seeds: List[int], cfg: dict) -> 'Group':
+        networks = [build_networks(mapper_name, dataset, seed, cfg) for seed in seeds]
+        G = Stacked([g for g, _ in networks])
+        D = Stacked([d for _, d in networks])
+        return Group(
+            seeds        = seeds,
+            G            = G,
+            D            = D,
+            opt_G        = torch.optim.Adam(G.params.values(), lr=cfg['lr_g'], betas=tuple(cfg['betas'])),
+            opt_D        = torch.optim.Adam(D.params.values(), lr=cfg['lr_d'], betas=tuple(cfg['betas'])),
+            data_gens    = [torch.Generator().manual_seed(2 * seed) for seed in seeds],
+            z_gens       = [torch.Generator().manual_seed(2 * seed + 1) for seed in seeds],
+            mapper_start = {k: v.detach().clone() for k, v in G.params.items() if k.startswith('mapper.')},
+        )
+
+    def gan_step(self, dataset: ModeDataset, cfg: dict) -> None:
+        """One D step and one G step on the same G(z), for every seed at once."""
+        G, D, batch = self.G, self.D, cfg['batch']
+        real = torch.stack([dataset.sample(batch, g) for g in self.data_gens]).requires_grad_(True)
+        fake = G(torch.stack([torch.randn([batch, cfg['z_dim']], generator=g) for g in self.z_gens]))
+
+        # D step: logistic loss and R1 on the real batch. Losses are means per seed, summed over
+        # seeds, so that each seed's parameters get exactly the gradient of their own loss.
+        D.requires_grad_(True)
+        real_logits = D(real)
+        r1_grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+        loss_D = (F.softplus(D(fake.detach())) + F.softplus(-real_logits)).mean(dim=(1, 2)).sum()
+        loss_D = loss_D + cfg['r1_gamma'] / 2 * r1_grad.square().sum(dim=2).mean(dim=1).sum()
+        self.opt_D.zero_grad(set_to_none=True)
+        loss_D.backward()
+        self.opt_D.step()
+
+        # G step: non-saturating loss through the updated D.
+        D.requires_grad_(False)
+        loss_G = F.softplus(-D(fake)).mean(dim=(1, 2)).sum()
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        self.opt_G.step()
+
+    def samples(self, dataset: ModeDataset, cfg: dict):
+        """([seeds, samples_per_mode * modes, dim] generated samples, [prdc_samples, dim] true samples per seed),
+        from evaluation streams of each seed's own."""
+        eval_gens = [torch.Generator().manual_seed(1_000_000 + seed) for seed in self.seeds]
+        num_eval = cfg['samples_per_mode'] * dataset.modes
+        with torch.no_grad():
+            samples = self.G(torch.stack([torch.randn([num_eval, cfg['z_dim']], generator=g) for g in eval_gens]))
+            references = [dataset.sample(cfg['prdc_samples'], g) for g in eval_gens]
+        return samples, references
+
+    def mapper_weight_change(self, i: int) -> float:
+        """|theta - theta_0| / |theta_0| of seed i's mapper weights."""
+        change = sum((self.G.params[k][i] - v[i]).square().sum() for k, v in self.mapper_start.items())
+        size = sum(v[i].square().sum() for v in self.mapper_start.values())
+        return float((change / size).sqrt().detach())
+
+
 def train_group(dataset_name: str, mapper_name: str, seeds: Sequence[int], cfg: dict) -> List[dict]:
     """Train one GAN per seed and measure each. Runs on one CPU thread (restored afterwards, as is the
     global RNG), so the figures do not depend on the machine's core count or on the number of workers.
@@ -274,60 +345,24 @@ def train_group(dataset_name: str, mapper_name: str, seeds: Sequence[int], cfg: 
 
 
 def _train_group(dataset: ModeDataset, mapper_name: str, seeds: List[int], cfg: dict) -> List[dict]:
-    networks = [build_networks(mapper_name, dataset, seed, cfg) for seed in seeds]
-    G = Stacked([g for g, _ in networks])
-    D = Stacked([d for _, d in networks])
-    mapper_start = {k: v.detach().clone() for k, v in G.params.items() if k.startswith('mapper.')}
-    opt_G = torch.optim.Adam(G.params.values(), lr=cfg['lr_g'], betas=tuple(cfg['betas']))
-    opt_D = torch.optim.Adam(D.params.values(), lr=cfg['lr_d'], betas=tuple(cfg['betas']))
-    data_gens = [torch.Generator().manual_seed(2 * seed) for seed in seeds]
-    z_gens = [torch.Generator().manual_seed(2 * seed + 1) for seed in seeds]
-    batch, z_dim = cfg['batch'], cfg['z_dim']
-
+    group = Group.build(dataset, mapper_name, seeds, cfg)
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(cfg['steps']):
-        real = torch.stack([dataset.sample(batch, g) for g in data_gens]).requires_grad_(True)
-        fake = G(torch.stack([torch.randn([batch, z_dim], generator=g) for g in z_gens]))
-
-        # D step: logistic loss and R1 on the real batch. Losses are means per seed, summed over
-        # seeds, so that each seed's parameters get exactly the gradient of their own loss.
-        D.requires_grad_(True)
-        real_logits = D(real)
-        r1_grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-        loss_D = (F.softplus(D(fake.detach())) + F.softplus(-real_logits)).mean(dim=(1, 2)).sum()
-        loss_D = loss_D + cfg['r1_gamma'] / 2 * r1_grad.square().sum(dim=2).mean(dim=1).sum()
-        opt_D.zero_grad(set_to_none=True)
-        loss_D.backward()
-        opt_D.step()
-
-        # G step: non-saturating loss through the updated D.
-        D.requires_grad_(False)
-        loss_G = F.softplus(-D(fake)).mean(dim=(1, 2)).sum()
-        opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        opt_G.step()
+        group.gan_step(dataset, cfg)
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-
-    num_eval = cfg['samples_per_mode'] * dataset.modes
-    eval_gens = [torch.Generator().manual_seed(1_000_000 + seed) for seed in seeds]
-    with torch.no_grad():
-        samples = G(torch.stack([torch.randn([num_eval, z_dim], generator=g) for g in eval_gens]))
-        references = [dataset.sample(cfg['prdc_samples'], g) for g in eval_gens]
+    samples, references = group.samples(dataset, cfg)
     runs = []
     for i, seed in enumerate(seeds):
-        change = sum((G.params[k][i] - v[i]).square().sum() for k, v in mapper_start.items())
-        size = sum(v[i].square().sum() for v in mapper_start.values())
         runs.append(dict(
             dataset       = dataset.name,
             mapper        = mapper_name,
             seed          = seed,
             figures       = evaluate(samples[i], references[i], dataset, cfg),
-            mapper_weight_change = float((change / size).sqrt().detach()),    # |theta - theta_0| / |theta_0| of the mapper's weights
+            mapper_weight_change = group.mapper_weight_change(i),
             plot          = samples[i, :cfg['plot_samples']].tolist() if dataset.dim == 2 else None,
+            train_seconds_group     = train_seconds,
+            train_cpu_seconds_group = train_cpu_seconds,
         ))
-    for run in runs:
-        run['train_seconds_group'] = train_seconds
-        run['train_cpu_seconds_group'] = train_cpu_seconds
     return runs
 
 
@@ -476,56 +511,56 @@ def _run_group(args):
     return train_group(*args)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (the workers)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def run_experiment(datasets: Sequence[str], mappers: Sequence[str], cfg: dict, workers: int, log=None) -> dict:
     """Train every mapper on every dataset for seeds 0 ... cfg['seeds'] - 1; returns the results dict
     (config, datasets, mappers, runs, summary, timing, machine) that `write_outputs` saves."""
     seeds = list(range(cfg['seeds']))
-    cpu_start = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
-    groups = sorted(((d, m) for d in datasets for m in mappers), key=_group_cost, reverse=True)
-    start = time.perf_counter()
+    jobs = [(d, m, seeds, cfg) for d, m in sorted(((d, m) for d in datasets for m in mappers), key=_group_cost, reverse=True)]
+    cpu_start, start = _cpu_seconds(), time.perf_counter()
     runs = []
-    jobs = [(d, m, seeds, cfg) for d, m in groups]
-    if workers > 1:
-        with multiprocessing.get_context('spawn').Pool(min(workers, len(jobs))) as pool:
-            for i, group_runs in enumerate(pool.imap_unordered(_run_group, jobs)):
-                runs += group_runs
-                if log:
-                    log(f'[{i + 1}/{len(jobs)}] {group_runs[0]["dataset"]} {group_runs[0]["mapper"]}: {group_runs[0]["train_seconds_group"]:.0f} s')
-    else:
-        for i, job in enumerate(jobs):
-            group_runs = train_group(*job)
+    pool = multiprocessing.get_context('spawn').Pool(min(workers, len(jobs))) if workers > 1 else None
+    with pool or contextlib.nullcontext():
+        for i, group_runs in enumerate(pool.imap_unordered(_run_group, jobs) if pool else map(_run_group, jobs), start=1):
             runs += group_runs
             if log:
-                log(f'[{i + 1}/{len(jobs)}] {job[0]} {job[1]}: {group_runs[0]["train_seconds_group"]:.0f} s')
-    wall = time.perf_counter() - start
+                first = group_runs[0]
+                log(f'[{i}/{len(jobs)}] {first["dataset"]} {first["mapper"]}: {first["train_seconds_group"]:.0f} s')
+    wall, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     order = {(d, m): i for i, (d, m) in enumerate((d, m) for d in datasets for m in mappers)}
     runs.sort(key=lambda r: (order[r['dataset'], r['mapper']], r['seed']))
 
-    mapper_info = {m: dict(MAPPERS[m], params=network_params(m, DATASETS[datasets[0]](), cfg)['mapper']) for m in mappers}
-    dataset_info = {}
-    for d in datasets:
-        ds = DATASETS[d]()
-        counts = network_params(mappers[0], ds, cfg)
-        dataset_info[d] = dict(modes=ds.modes, dim=ds.dim, std=ds.std, high_quality_radius=ds.radius, doc=ds.doc,
-                               decoder_params=counts['decoder'], discriminator_params=counts['discriminator'])
     first = {(r['dataset'], r['mapper']): r for r in reversed(runs)}
-    group_seconds = {f'{d} / {m}': first[d, m]['train_seconds_group'] for d in datasets for m in mappers}
-    group_cpu_seconds = {f'{d} / {m}': first[d, m]['train_cpu_seconds_group'] for d in datasets for m in mappers}
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    cpu_seconds = sum(u.ru_utime + u.ru_stime for u in usage) - cpu_start
+    baseline = BASELINE if BASELINE in mappers else None
     return dict(
         config   = dict(cfg, seed_list=seeds),
-        baseline = BASELINE if BASELINE in mappers else None,
-        datasets = dataset_info,
-        mappers  = mapper_info,
+        baseline = baseline,
+        datasets = _dataset_info(datasets, mappers[0], cfg),
+        mappers  = {m: dict(MAPPERS[m], params=network_params(m, DATASETS[datasets[0]](), cfg)['mapper']) for m in mappers},
         runs     = runs,
-        summary  = summarize(runs, BASELINE if BASELINE in mappers else None),
+        summary  = summarize(runs, baseline),
         timing   = dict(wall_seconds=wall, cpu_seconds=cpu_seconds, workers=workers, threads_per_worker=1,
-                        train_seconds=group_seconds, train_cpu_seconds=group_cpu_seconds),
+                        train_seconds={f'{d} / {m}': first[d, m]['train_seconds_group'] for d in datasets for m in mappers},
+                        train_cpu_seconds={f'{d} / {m}': first[d, m]['train_cpu_seconds_group'] for d in datasets for m in mappers}),
         machine  = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                         cpu_count=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                         numpy=np.__version__, rtm_mapping=__version__),
     )
+
+
+def _dataset_info(datasets: Sequence[str], mapper: str, cfg: dict) -> Dict[str, dict]:
+    """Each dataset's modes, dimension, sigma, high-quality radius, description, and decoder and discriminator sizes."""
+    info = {}
+    for d in datasets:
+        ds = DATASETS[d]()
+        counts = network_params(mapper, ds, cfg)
+        info[d] = dict(modes=ds.modes, dim=ds.dim, std=ds.std, high_quality_radius=ds.radius, doc=ds.doc,
+                       decoder_params=counts['decoder'], discriminator_params=counts['discriminator'])
+    return info
 
 
 def write_outputs(results: dict, out_dir: str) -> Dict[str, str]:

@@ -14,7 +14,8 @@ Pickles are self-contained. `torch_utils.persistence` embeds the source of the m
 defines each persistent class: this file for MappingNetwork and Generator, and
 rtm_mapping/core.py for the RTM layers, which are made persistent where they are built.
 Both files import only torch and the official code, so the official tools load the pickle
-with rtm-mapping not installed.
+with rtm-mapping not installed, and the copy of this file in a pickle names the core of
+that pickle exactly (CORE_SOURCE below), so it runs with it whatever else is loaded.
 """
 
 import sys
@@ -24,15 +25,18 @@ from training import networks
 
 #----------------------------------------------------------------------------
 
-# The RTM core this file goes with: rtm_mapping.core where this file is the installed module. Where
-# a network pickle carried this file (torch_utils.persistence runs it as `_imported_module_*`), the
-# core the same pickle carries, which the unpickler ran just before this file (a module's submodules
-# are unpickled before the module). This is the one thing each adapter holds itself: a file a pickle
-# carries cannot import a shared one.
-if __name__.startswith('_imported_module_'):
-    core = [m for m in list(sys.modules.values()) if 'StyleMapping' in getattr(m, '__dict__', {})][-1]
-else:
+# The RTM core this file runs with, named exactly. Installed, it is rtm_mapping.core, and the copy of
+# this file that a network pickle carries has that core's source in CORE_SOURCE instead of None
+# (core.pickle_adapter_with_core). Unpickled, torch_utils.persistence runs that copy, which takes
+# persistence's module for that source: the core the RTM layers of the same pickle run in, whatever
+# else the process has loaded. These lines are in each adapter: a file a pickle carries cannot import
+# a shared one, and the shared part runs in the installed core.
+CORE_SOURCE = None
+if CORE_SOURCE is None:
     from rtm_mapping import core
+    core.pickle_adapter_with_core(sys.modules[__name__], persistence)
+else:
+    core = persistence._src_to_module(CORE_SOURCE)
 
 #----------------------------------------------------------------------------
 

@@ -20,12 +20,14 @@ from training import networks_stylegan3
 
 #----------------------------------------------------------------------------
 
-# The RTM core this file goes with: rtm_mapping.core, or the one the pickle that carried this file carries
-# (see rtm_mapping/networks.py).
-if __name__.startswith('_imported_module_'):
-    core = [m for m in list(sys.modules.values()) if 'StyleMapping' in getattr(m, '__dict__', {})][-1]
-else:
+# The RTM core this file runs with: rtm_mapping.core, or in the copy a pickle carries, the core whose source
+# CORE_SOURCE holds, that of the same pickle (see rtm_mapping/networks.py).
+CORE_SOURCE = None
+if CORE_SOURCE is None:
     from rtm_mapping import core
+    core.pickle_adapter_with_core(sys.modules[__name__], persistence)
+else:
+    core = persistence._src_to_module(CORE_SOURCE)
 
 #----------------------------------------------------------------------------
 

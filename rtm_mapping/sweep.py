@@ -16,7 +16,7 @@ import click
 import numpy as np
 import torch
 
-from rtm_mapping import detectors, metrics, swap
+from rtm_mapping import detectors, metrics, pickles
 from stylegan2_ada_patch import checkout
 
 #----------------------------------------------------------------------------
@@ -28,7 +28,7 @@ def parse_steps(text: str) -> List[int]:
     except ValueError:
         steps = []
     if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
-        raise click.BadParameter(f'{text!r} is not a comma-separated list of distinct positive integers, e.g. 8,16,32,64', param_hint='--h')
+        raise click.BadParameter(f'{text!r} is not a comma-separated list of distinct positive integers, e.g. 8,16,32,64', param_hint='--map-h')
     return steps
 
 
@@ -133,8 +133,8 @@ def _default_device() -> str:
               help='RTM network pickle (path or URL), e.g. a snapshot of train.py --map=rtm.')
 @click.option('--metrics', 'metrics_text', type=str, default='fid50k_full', show_default=True, metavar='LIST',
               help='Comma-separated metrics: any of calc_metrics.py\'s, or rtm-mapping\'s (prdc_full, prdc_vgg_full).')
-@click.option('--h', 'steps_text', type=str, default='8,16,32,64', show_default=True, metavar='LIST',
-              help='Comma-separated inference H values.')
+@click.option('--map-h', '--h', 'steps_text', type=str, default='8,16,32,64', show_default=True, metavar='LIST',
+              help='Comma-separated inference H values, as train.py --map-h (--h works too).')
 @click.option('--data', type=click.Path(exists=True), default=None, metavar='PATH',
               help='Reference dataset (folder or zip) [default: the pickle\'s training set].')
 @click.option('--mirror', type=bool, default=None, metavar='BOOL',
@@ -156,7 +156,7 @@ def sweep_h(network_pkl: str, metrics_text: str, steps_text: str, data: Optional
 
     \b
     Example:
-        rtm-mapping sweep-h --network network-snapshot-025000.pkl --metrics fid50k_full,pr50k3_full --h 8,16,32,64
+        rtm-mapping sweep-h --network network-snapshot-025000.pkl --metrics fid50k_full,pr50k3_full --map-h 8,16,32,64
     """
     checkout.use(stylegan)
     import dnnlib
@@ -180,7 +180,7 @@ def sweep_h(network_pkl: str, metrics_text: str, steps_text: str, data: Optional
     with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
         network_dict = legacy.load_network_pkl(f)
     G = network_dict['G_ema']
-    if swap.mapper_kind(G) != 'rtm':
+    if pickles.mapper_kind(G) != 'rtm':
         raise click.ClickException(f'{network_pkl} has no Recursive Token Mapper (G_ema.mapping.rtm); '
                                    f'sweep-h needs a pickle trained with --map=rtm. Use calc_metrics.py for other networks.')
     G = copy.deepcopy(G).eval().requires_grad_(False).to(device)

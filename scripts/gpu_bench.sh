@@ -19,7 +19,8 @@
 # the start of this script; the report takes a few seconds more); a stage stopped at its limit, or not started
 # because the budget is spent, is reported as such, and the others still run.
 # Writes WORKDIR/gpu-bench.json and WORKDIR/gpu-bench.md. Without CUDA it stops at once. A stage that fails
-# is reported as such (its log is WORKDIR/STAGE.log) and the others still run.
+# is reported as such (its log is WORKDIR/STAGE.log) and the others still run. A bench stage writes
+# WORKDIR/bench-NAME.json, which the report picks up by its name (rtm_mapping/bench/gpu_report.py).
 # MAP_COMPILE=MODE picks the torch.compile mode of the captured RTM (default auto: CUDA graphs on CUDA;
 # MAP_COMPILE=default captures without CUDA graphs). TRAIN_KIMG=8: the train.py runs' length.
 set -euo pipefail
@@ -107,18 +108,6 @@ stage train-mlp "$train_limit" "${train[@]}" --outdir="$work/train-mlp" "${arm_f
 stage train-rtm "$train_limit" "${train[@]}" --outdir="$work/train-rtm" "${arm_flags_rtm[@]}"
 stage train-rtm-compile "$((train_limit + 60))" "${train[@]}" --outdir="$work/train-rtm-compile" "${arm_flags_rtm_compile[@]}"   # + compiling
 
-"$PYTHON" - "$work" "${failed[*]:-}" "${stages[@]}" <<'PY'
-import glob, os, sys
-from rtm_mapping import bench
-work, failed, stages = sys.argv[1], sys.argv[2].split(), dict(s.split('=') for s in sys.argv[3:])
-jsons = [p for p in (os.path.join(work, f'bench-{part}.json') for part in ('dispatch', 'generator')) if os.path.isfile(p)]
-runs = {}
-for arm in bench.TRAIN_ARMS:
-    found = sorted(glob.glob(os.path.join(work, f'train-{arm}', '*', 'stats.jsonl')))
-    runs[arm] = os.path.dirname(found[-1]) if found and f'train-{arm}' not in failed else None
-table = bench.write_gpu_report(jsons, runs, {name: float(sec) for name, sec in stages.items()}, failed,
-                               os.path.join(work, 'gpu-bench.json'), os.path.join(work, 'gpu-bench.md'))
-print(table)
-PY
+"$PYTHON" -m rtm_mapping.bench.gpu_report "$work" "${failed[*]:-}" "${stages[@]}"   # WORKDIR/bench-*.json, train-*/: one report
 echo "Wrote $work/gpu-bench.json and $work/gpu-bench.md"
 [ ${#failed[@]} -eq 0 ] || { echo "gpu_bench.sh: failed stages: ${failed[*]}" >&2; exit 1; }

@@ -17,7 +17,7 @@ import time
 import click
 import torch
 
-from rtm_mapping import distill, swap
+from rtm_mapping import distill, swap, swap_eval
 
 # name: keyword arguments of distill.distill (the rest are its defaults).
 METHODS = {
@@ -52,7 +52,7 @@ def main(out: str, kimg: float, layers: int, threads: int):
     sys.path.insert(0, os.environ['STYLEGAN2_ADA_ROOT'])
     torch.set_num_threads(threads)
     teacher = stock_teacher(layers)
-    evaluator = swap.Evaluator(teacher, 64)
+    evaluator = swap_eval.Evaluator(teacher, 64)
     floor_error = evaluator.floor_figures(swap.build_rtm_generator(teacher, 16).mapping, images=False)['rel_w_error']
     curves = {}
     for name, kwargs in METHODS.items():

@@ -17,12 +17,17 @@ affected), and is announced once:
                             double backward (2.1, ...; the gradfix  one whose backward is differentiable (torch's own
                             uses torch's op after 1.9): R1 through  kernels forward and backward)
                             ADA's geometric augmentations raises
+    Adam betas              PyTorch whose Adam refuses betas that   a run's Adam betas made floats where the loop
+                            mix int and float (2.13 does):          passes them to Adam as written (a fix of the
+                            StyleGAN3's [0, 0.99], stylegan3-t/r    training options: train_hooks.apply() calls
+                                                                    fix_adam_betas(args) on the run's config)
 
 `dnnlib/util.py` imports `distutils`, which Python >= 3.12 no longer has: setuptools provides it, so
 rtm-mapping depends on setuptools there (setup.cfg) and the stock tools (generate.py, ...) work too.
 """
 
 import importlib
+import inspect
 import multiprocessing
 import sys
 import types
@@ -58,7 +63,6 @@ def fix_infinite_sampler() -> bool:
 # SciPy >= 1.18: sqrtm(A, disp=False).
 
 def _sqrtm_takes_disp(sqrtm) -> bool:
-    import inspect
     try:
         return 'disp' in inspect.signature(sqrtm).parameters
     except (TypeError, ValueError):
@@ -216,6 +220,33 @@ def fix_grid_sample() -> bool:
         grid_sample_gradfix.enabled = enabled
     grid_sample_gradfix.grid_sample = grid_sample
     return True
+
+#----------------------------------------------------------------------------
+# Adam that refuses betas mixing int and float (StyleGAN3's betas=[0, 0.99]). A fix of a run's training
+# options, not of a module: the patched train.py calls it through train_hooks.apply().
+
+def fix_adam_betas(args) -> bool:
+    """Make an optimizer's betas floats where the loop passes them to Adam as written and this PyTorch refuses
+    them, as it does StyleGAN3's betas=[0, 0.99] (an int and a float) for G of stylegan3-t/r. With lazy
+    regularization the loop makes them floats itself. Returns True if a fix was needed."""
+    from training import training_loop
+    defaults = inspect.signature(training_loop.training_loop).parameters
+    fixed = False
+    for net in ('G', 'D'):
+        opt_kwargs = args[f'{net}_opt_kwargs']
+        betas = opt_kwargs.get('betas')
+        reg_interval = args.get(f'{net}_reg_interval', defaults[f'{net}_reg_interval'].default)
+        if reg_interval is not None or opt_kwargs.get('class_name') != 'torch.optim.Adam' or betas is None:
+            continue
+        try:
+            torch.optim.Adam([torch.zeros([1], requires_grad=True)], betas=betas)
+        except ValueError:
+            opt_kwargs.betas = [float(beta) for beta in betas]
+            fixed = True
+    if fixed:
+        print(f'rtm-mapping: PyTorch {torch.__version__} refuses Adam betas that mix int and float, as train.py writes them; '
+              'made them floats for this run.')
+    return fixed
 
 #----------------------------------------------------------------------------
 

@@ -5,31 +5,24 @@
     setup_training_loop_kwargs()  StyleGAN2-ADA: wraps the official function and applies those options.
     apply_options()               StyleGAN3: applies those options to the config train.py built.
 
-What differs between the two codebases is data (CODEBASE_OPTIONS, RTM_GENERATORS); both go through apply().
+What differs between the two codebases is data (CODEBASE_OPTIONS here, rtm_mapping.adapters.RTM_GENERATORS);
+both go through apply().
 """
 
 import functools
-import inspect
 import os
 import sys
 
 import click
 import torch
 
-from rtm_mapping import core, metrics
+from rtm_mapping import adapters, core, metrics
 from stylegan2_ada_patch import checkout, compat
 
-# Official generator class: the same generator with an RTM mapper (rtm_mapping's adapter of that file).
-RTM_GENERATORS = {
-    'training.networks.Generator':              'rtm_mapping.networks.Generator',
-    'training.networks_stylegan2.Generator':    'rtm_mapping.networks_stylegan2.Generator',
-    'training.networks_stylegan3.Generator':    'rtm_mapping.networks_stylegan3.Generator',
-}
-
-# codebase: options of ours that its train.py already has; there they keep their official meaning.
+# codebase: options of ours (MAPPING_OPTIONS) that its train.py already has; there they keep their official meaning.
 CODEBASE_OPTIONS = {
     'stylegan2-ada':    (),
-    'stylegan3':        ('--map-depth',),
+    'stylegan3':        ('map_depth',),
 }
 
 #----------------------------------------------------------------------------
@@ -74,7 +67,7 @@ def with_map_compile(training_loop_fn):
     hence never in a pickle) and applying it in the process that runs it: every RTM built there
     (G, G_ema, rebuilt copies) captures its recursion with torch.compile (core.set_compile_default)."""
 
-    @functools.wraps(training_loop_fn)    # its signature stays the official one (fix_adam_betas reads its defaults)
+    @functools.wraps(training_loop_fn)    # its signature stays the official one (compat.fix_adam_betas reads its defaults)
     def training_loop(map_compile=None, **kwargs):
         core.set_compile_default(map_compile)
         try:
@@ -86,28 +79,26 @@ def with_map_compile(training_loop_fn):
     return training_loop
 
 #----------------------------------------------------------------------------
-# Options. Defaults come from rtm_mapping.core.DEFAULTS; None means "not given".
-
-def rtm_kwargs(steps=None, inner_steps=None, block=None, tokens=None, token_dim=None) -> dict:
-    """The RTM's mapping_kwargs as train.py --map=rtm records them: the ones given, core.DEFAULTS for the others."""
-    given = dict(steps=steps, inner_steps=inner_steps, block=block, tokens=tokens, token_dim=token_dim)
-    return {name: core.DEFAULTS[name] if value is None else value for name, value in given.items()}
-
+# Options. The RTM's are rtm_mapping.adapters.TRAIN_OPTIONS, their defaults core.DEFAULTS; None means "not given".
 
 _INT = dict(type=click.IntRange(min=1), metavar='INT')
 
+
+def _rtm_option(argument: str):
+    flag, what, choices = adapters.TRAIN_OPTIONS[argument]
+    kind = _INT if choices is None else dict(type=click.Choice(list(choices)))
+    return click.option(flag, help=f'{what} [default: {core.DEFAULTS[argument]}]', **kind)
+
+
+# click's keyword name: the option, in the order of --help.
 MAPPING_OPTIONS = {
-    '--map':           click.option('--map', 'map_kind', help='Mapping network: mlp (official) or rtm [default: mlp]', type=click.Choice(['mlp', 'rtm'])),
-    '--map-h':         click.option('--map-h', help=f'RTM refinement steps H [default: {core.DEFAULTS["steps"]}]', **_INT),
-    '--map-l':         click.option('--map-l', help=f'RTM inner cycles L [default: {core.DEFAULTS["inner_steps"]}]', **_INT),
-    '--map-block':     click.option('--map-block', help=f'RTM shared block [default: {core.DEFAULTS["block"]}]', type=click.Choice(list(core.BLOCKS))),
-    '--map-tokens':    click.option('--map-tokens', help=f'RTM number of tokens [default: {core.DEFAULTS["tokens"]}]', **_INT),
-    '--map-token-dim': click.option('--map-token-dim', help=f'RTM channels per token [default: {core.DEFAULTS["token_dim"]}]', **_INT),
-    '--map-depth':     click.option('--map-depth', help='Number of MLP mapping layers with --map=mlp [default: from --cfg]', **_INT),
-    '--map-compile':   click.option('--map-compile', help='Capture the RTM recursion with torch.compile; alone: auto = CUDA graphs on CUDA [default: off]',
-                                    type=click.Choice(list(core.COMPILE_MODES)), is_flag=False, flag_value='auto', default=None, metavar='[MODE]'),
-    '--smoke':         click.option('--smoke', help='Smoke test: train this many images, snapshot, stop; on the CPU if there is no GPU [default: off]',
-                                    type=click.IntRange(min=1), metavar='IMAGES'),
+    'map_kind':     click.option('--map', 'map_kind', help='Mapping network: mlp (official) or rtm [default: mlp]', type=click.Choice(['mlp', 'rtm'])),
+    **{adapters.option_key(argument): _rtm_option(argument) for argument in adapters.TRAIN_OPTIONS},
+    'map_depth':    click.option('--map-depth', help='Number of MLP mapping layers with --map=mlp [default: from --cfg]', **_INT),
+    'map_compile':  click.option('--map-compile', help='Capture the RTM recursion with torch.compile; alone: auto = CUDA graphs on CUDA [default: off]',
+                                 type=click.Choice(list(core.COMPILE_MODES)), is_flag=False, flag_value='auto', default=None, metavar='[MODE]'),
+    'smoke':        click.option('--smoke', help='Smoke test: train this many images, snapshot, stop; on the CPU if there is no GPU [default: off]',
+                                 type=click.IntRange(min=1), metavar='IMAGES'),
 }
 
 
@@ -125,30 +116,30 @@ def mapping_options(fn):
     return fn
 
 
-def apply_mapping_options(desc, G_kwargs, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None, map_token_dim=None,
-                          map_depth=None, codebase='stylegan2-ada'):
-    """Turn the --map options into G_kwargs; returns the run description with their suffix."""
-    rtm_given = {name: value for name, value in [('--map-h', map_h), ('--map-l', map_l), ('--map-block', map_block),
-                                                 ('--map-tokens', map_tokens), ('--map-token-dim', map_token_dim)] if value is not None}
-    if map_kind != 'rtm':
+def apply_mapping_options(desc, G_kwargs, options, codebase='stylegan2-ada'):
+    """Turn the --map options (a dict keyed like MAPPING_OPTIONS) into G_kwargs; returns the run description with their suffix."""
+    rtm_given = {argument: options[adapters.option_key(argument)] for argument in adapters.TRAIN_OPTIONS
+                 if options.get(adapters.option_key(argument)) is not None}
+    map_depth = options.get('map_depth')
+    if options.get('map_kind') != 'rtm':
         if rtm_given:
-            raise click.UsageError(f'{", ".join(rtm_given)} need --map=rtm.')
-        if map_depth is not None and '--map-depth' not in CODEBASE_OPTIONS[codebase]:
+            raise click.UsageError(f'{", ".join(adapters.TRAIN_OPTIONS[argument][0] for argument in rtm_given)} need --map=rtm.')
+        if map_depth is not None and 'map_depth' not in CODEBASE_OPTIONS[codebase]:
             G_kwargs.mapping_kwargs.num_layers = map_depth
             desc += f'-map{map_depth}'
         return desc
 
     if map_depth is not None:
         raise click.UsageError('--map-depth sets the depth of the MLP mapper; with --map=rtm, use --map-h and --map-l.')
-    if G_kwargs.class_name not in RTM_GENERATORS:
-        raise click.UsageError(f'--map=rtm replaces the mapper of the official generators ({", ".join(RTM_GENERATORS)}); '
+    if G_kwargs.class_name not in adapters.RTM_GENERATORS:
+        raise click.UsageError(f'--map=rtm replaces the mapper of the official generators ({", ".join(adapters.RTM_GENERATORS)}); '
                                f'this train.py builds {G_kwargs.class_name}.')
-    kwargs = rtm_kwargs(steps=map_h, inner_steps=map_l, block=map_block, tokens=map_tokens, token_dim=map_token_dim)
+    kwargs = adapters.rtm_kwargs(**rtm_given)
     try:  # validate here, with the user's flag names, rather than in the training process
         core.RecursiveTokenMapper(G_kwargs.z_dim, G_kwargs.w_dim, **kwargs)
     except ValueError as err:
         raise click.UsageError(f'invalid RTM options: {err}') from err
-    G_kwargs.class_name = RTM_GENERATORS[G_kwargs.class_name]
+    G_kwargs.class_name = adapters.RTM_GENERATORS[G_kwargs.class_name]
     G_kwargs.mapping_kwargs.pop('num_layers', None)
     G_kwargs.mapping_kwargs.update(kwargs)
     desc += f'-rtmH{kwargs["steps"]}L{kwargs["inner_steps"]}'
@@ -185,63 +176,38 @@ def apply_smoke(desc, args, images, metrics_given):
     return desc + ('-cpusmoke' if on_cpu else '-smoke')
 
 
-def fix_adam_betas(args) -> bool:
-    """Make an optimizer's betas floats where the loop passes them to Adam as written and this PyTorch refuses
-    them, as it does StyleGAN3's betas=[0, 0.99] (an int and a float) for G of stylegan3-t/r. With lazy
-    regularization the loop makes them floats itself. Returns True if a fix was needed."""
-    from training import training_loop
-    defaults = inspect.signature(training_loop.training_loop).parameters
-    fixed = False
-    for net in ('G', 'D'):
-        opt_kwargs = args[f'{net}_opt_kwargs']
-        betas = opt_kwargs.get('betas')
-        reg_interval = args.get(f'{net}_reg_interval', defaults[f'{net}_reg_interval'].default)
-        if reg_interval is not None or opt_kwargs.get('class_name') != 'torch.optim.Adam' or betas is None:
-            continue
-        try:
-            torch.optim.Adam([torch.zeros([1], requires_grad=True)], betas=betas)
-        except ValueError:
-            opt_kwargs.betas = [float(beta) for beta in betas]
-            fixed = True
-    if fixed:
-        print(f'rtm-mapping: PyTorch {torch.__version__} refuses Adam betas that mix int and float, as train.py writes them; '
-              'made them floats for this run.')
-    return fixed
-
-
 def _metrics_given() -> bool:
     """Whether the user passed --metrics to the running train.py."""
     ctx = click.get_current_context(silent=True)
     return ctx is not None and ctx.get_parameter_source('metrics') not in (None, click.core.ParameterSource.DEFAULT)
 
 
-def apply(codebase, desc, args, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None, map_token_dim=None,
-          map_depth=None, map_compile=None, smoke=None):
-    """The rtm-mapping options applied to the training config `args` of a codebase's train.py; returns the run description."""
-    fix_adam_betas(args)
-    desc = apply_mapping_options(desc, args.G_kwargs, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
-                                 map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth, codebase=codebase)
-    if map_compile is not None:
-        if map_kind != 'rtm':
+def apply(codebase, desc, args, **options):
+    """The rtm-mapping options (keyword arguments named as in MAPPING_OPTIONS; those not given None) applied
+    to the training config `args` of a codebase's train.py; returns the run description."""
+    unknown = set(options) - set(MAPPING_OPTIONS)
+    if unknown:
+        raise TypeError(f'unknown rtm-mapping options: {", ".join(sorted(unknown))}')
+    compat.fix_adam_betas(args)
+    desc = apply_mapping_options(desc, args.G_kwargs, options, codebase=codebase)
+    if options.get('map_compile') is not None:
+        if options.get('map_kind') != 'rtm':
             raise click.UsageError('--map-compile captures the RTM recursion: it needs --map=rtm.')
-        args.map_compile = map_compile  # read by with_map_compile() in each training process, never part of G_kwargs
-    if smoke is not None:
-        desc = apply_smoke(desc, args, smoke, metrics_given=_metrics_given())
+        args.map_compile = options['map_compile']  # read by with_map_compile() in each training process, never part of G_kwargs
+    if options.get('smoke') is not None:
+        desc = apply_smoke(desc, args, options['smoke'], metrics_given=_metrics_given())
     return desc
 
 
-def setup_training_loop_kwargs(official, map_kind=None, map_h=None, map_l=None, map_block=None, map_tokens=None,
-                               map_token_dim=None, map_depth=None, map_compile=None, smoke=None, **config_kwargs):
-    """StyleGAN2-ADA's train.py: its setup_training_loop_kwargs(), then the rtm-mapping options on top."""
-    desc, args = official(**config_kwargs)
-    desc = apply('stylegan2-ada', desc, args, map_kind=map_kind, map_h=map_h, map_l=map_l, map_block=map_block,
-                 map_tokens=map_tokens, map_token_dim=map_token_dim, map_depth=map_depth, map_compile=map_compile, smoke=smoke)
-    return desc, args
+def setup_training_loop_kwargs(official, **kwargs):
+    """StyleGAN2-ADA's train.py: its setup_training_loop_kwargs() with its own options, then the rtm-mapping options on top."""
+    ours = {name: kwargs.pop(name) for name in MAPPING_OPTIONS if name in kwargs}
+    desc, args = official(**kwargs)
+    return apply('stylegan2-ada', desc, args, **ours), args
 
 
 def apply_options(c, desc, opts):
     """StyleGAN3's train.py: the rtm-mapping options among its command-line options `opts` applied to the config `c` it built."""
-    ours = {key: opts.get(key) for key in ('map_kind', 'map_h', 'map_l', 'map_block', 'map_tokens', 'map_token_dim', 'map_depth', 'map_compile', 'smoke')}
-    return apply('stylegan3', desc, c, **ours)
+    return apply('stylegan3', desc, c, **{name: opts.get(name) for name in MAPPING_OPTIONS})
 
 #----------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """training_configs/: every run of Table 3 and Table 7, valid, and what train.py makes of it."""
 
 import json
-import shutil
-import subprocess
+import shlex
 import sys
 
 import click
 import pytest
+from click.testing import CliRunner
+from conftest import copy_checkout, run_patch, train_py_runs, training_options
 
 from rtm_mapping import configs
 
@@ -50,24 +51,32 @@ def test_bad_configs_are_errors(tmp_path, bad, message):
 
 
 @pytest.fixture(scope='module')
-def patched_checkout(stylegan_root, tmp_path_factory):
+def dry_runs(stylegan_root, tmp_path_factory):
+    """name -> (the command `rtm-mapping train --config NAME --dry-run` runs, what train.py then prints). The
+    commands come from --print-only in this process; the patched train.py runs them all in one process."""
     from stylegan2_ada_patch.dataset import write_dataset
     tmp = tmp_path_factory.mktemp('configs')
-    root = tmp / 'stylegan2-ada-pytorch'
-    shutil.copytree(stylegan_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig'))
-    subprocess.run([sys.executable, '-m', 'stylegan2_ada_patch', str(root)], check=True, capture_output=True)
+    root = copy_checkout(stylegan_root, tmp / 'stylegan2-ada-pytorch')
+    assert run_patch(root)[0] == 0
     write_dataset(str(tmp / 'data'), count=4, resolution=32)
-    return tmp, root
+    commands = {}
+    for name in sorted(EXPECTED):
+        result = CliRunner().invoke(configs.train, ['--config', name, '--data', str(tmp / 'data'), '--outdir', str(tmp / 'runs'),
+                                                    '--stylegan', str(root), '--dry-run', '--print-only'])
+        assert result.exit_code == 0, result.output
+        cd, command = result.output.splitlines()[-1].split(' && ')
+        assert cd == f'cd {shlex.quote(str(root))}'
+        commands[name] = shlex.split(command)
+    outputs = train_py_runs(root, [command[2:] for command in commands.values()])
+    return {name: (commands[name], output) for name, output in zip(commands, outputs)}
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED))
-def test_config_passes_train_py_dry_run(patched_checkout, name):
-    tmp, root = patched_checkout
-    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', 'train', '--config', name, '--data', str(tmp / 'data'), '--outdir', str(tmp / 'runs'),
-                          '--stylegan', str(root), '--dry-run'], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    text = out.stdout[out.stdout.index('Training options:') + len('Training options:'):]
-    args = json.loads(text[:text.index('\n}\n') + 2])
+def test_config_passes_train_py_dry_run(dry_runs, name):
+    command, (code, output) = dry_runs[name]
+    assert command[:2] == [sys.executable, 'train.py'] and command[-1] == '--dry-run'
+    assert code == 0, output[-3000:]
+    args, _ = training_options(output)
     aug, mapping_kwargs = EXPECTED[name]
     config = configs.load_config(name)['train']
     assert args['G_kwargs']['mapping_kwargs'] == mapping_kwargs

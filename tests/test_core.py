@@ -149,6 +149,42 @@ def test_carry_vectors_are_deterministic_across_global_seeds():
     assert {name for name, _ in a.named_buffers()} == {'h_init', 'l_init'}
 
 
+def truncated_normal_std(bound: float) -> float:
+    """Standard deviation of N(0, 1) cut at +-bound, by quadrature in float64 (no erf, unlike the core)."""
+    x = torch.linspace(-bound, bound, 400_001, dtype=torch.float64)
+    density = torch.exp(-x ** 2 / 2)
+    return math.sqrt(torch.trapezoid(x ** 2 * density, x) / torch.trapezoid(density, x))
+
+
+def test_carry_vectors_have_unit_variance_as_trms_initialiser():
+    # TRM draws H_init / L_init with trunc_normal_init_(std=1): a normal cut at +-2 of its std, rescaled so that
+    # the std is 1. torch.nn.init.trunc_normal_(std=1, a=-2, b=2) leaves the std at that of the cut normal, 0.88.
+    cut_std = truncated_normal_std(2.0)
+    assert cut_std == pytest.approx(0.8796, abs=1e-4)
+    x = core.unit_trunc_normal([1_000_000], torch.Generator().manual_seed(0)).double()
+    assert float(x.std()) == pytest.approx(1, abs=3e-3) and abs(float(x.mean())) < 3e-3
+    assert 0.999 * 2 / cut_std < float(x.abs().max()) <= 2 / cut_std + 1e-6     # cut at 2 of the normal's std, rescaled
+
+    m = RecursiveTokenMapper(16, 16, tokens=2, token_dim=64)
+    draw = torch.nn.init.trunc_normal_(torch.empty([2, 64]), a=-2, b=2, generator=torch.Generator().manual_seed(core.CARRY_SEED))
+    torch.testing.assert_close(torch.stack([m.h_init, m.l_init]), draw / cut_std, rtol=1e-6, atol=0)
+    # Carry vectors are buffers: a state dict (or pickle) of an earlier version keeps the carry it was written with.
+    old = dict(m.state_dict(), h_init=draw[0], l_init=draw[1])
+    m.load_state_dict(old)
+    assert torch.equal(m.h_init, draw[0]) and torch.equal(pickle.loads(pickle.dumps(m)).l_init, draw[1])
+
+
+def test_input_is_pixel_normed_unless_the_caller_has():
+    m = RecursiveTokenMapper(32, 24, tokens=4, token_dim=8, steps=2)
+    z = torch.randn(6, 32)
+    torch.testing.assert_close(m(z * 7), m(z), **TOLERANCE)        # PixelNorm first: the scale of z does not matter
+    prenormed = RecursiveTokenMapper(32, 24, tokens=4, token_dim=8, steps=2, input_norm=False)     # as a MappingNetwork builds it
+    prenormed.load_state_dict(m.state_dict())
+    assert 'input_norm=False' in repr(prenormed) and 'input_norm' not in repr(m)
+    torch.testing.assert_close(prenormed(core.pixel_norm(z)), m(z), rtol=0, atol=0)
+    assert not torch.allclose(prenormed(z * 7), m(z), **TOLERANCE)
+
+
 def test_inference_override_equals_a_model_built_with_that_schedule():
     trained = RecursiveTokenMapper(64, 64, tokens=4, token_dim=16, steps=16)
     z = torch.randn(8, 64)
@@ -231,7 +267,7 @@ def test_positive_number_errors_name_the_argument_and_value(name):
 
 
 def test_state_dict_names_and_shapes_unchanged():
-    # Pickles written before the fused eager path (issue 14) must load into this code: same tensors.
+    # Pickles written before the fused eager path must load into this code: same tensors.
     m = RecursiveTokenMapper(512, 512)
     shapes = {name: tuple(t.shape) for name, t in m.state_dict().items()}
     assert shapes == {

@@ -85,6 +85,25 @@ def test_blocks_match_brute_force(row_batch_size, col_batch_size):
     assert 0 < result['precision'] < 1 and 0 < result['recall'] < 1     # A case that tells the four apart.
 
 
+@pytest.mark.parametrize('offset', [100.0, 1000.0])
+def test_features_far_from_the_origin_match_brute_force(offset):
+    # A distance through the matrix product, |x|^2 + |y|^2 - 2 x.y, cancels when features share a large offset
+    # (float32 with every feature + 100 moved precision by 0.01 against the reference prdc package).
+    g = torch.Generator().manual_seed(4)
+    real = torch.randn([400, 32], generator=g)
+    fake = torch.randn([300, 32], generator=g) * 1.1 + 0.05
+    real, fake = real + offset, fake + offset          # float32 features, as the detectors return them
+    expected = _brute_force(real, fake, k=5)
+    assert 0 < expected['precision'] < 1 and 0 < expected['coverage'] < 1
+    for row_batch_size, col_batch_size in [(64, 37), (1000, 1000)]:
+        result = prdc(real, fake, k=5, row_batch_size=row_batch_size, col_batch_size=col_batch_size)
+        assert result == pytest.approx(expected, abs=1e-9), (row_batch_size, col_batch_size)
+    radii = knn_radii(real, k=5, row_batch_size=64, col_batch_size=37)
+    x = real.double().numpy()
+    exact = np.sort(np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)), axis=1)[:, 5]
+    np.testing.assert_allclose(radii.numpy(), exact, rtol=1e-9)
+
+
 def test_docs_table_describes_the_registered_metrics():
     """docs/metrics.md's table of metrics (features, k, image counts) says what METRICS computes."""
     path = os.path.join(os.path.dirname(__file__), '..', 'docs', 'metrics.md')

@@ -163,6 +163,15 @@ def test_force_fp16_rebuild_keeps_rtm(stylegan_root, tmp_path):
     z = torch.randn(2, 64)
     torch.testing.assert_close(rebuilt.mapping(z, None), G.eval().mapping(z, None), rtol=0, atol=0)
 
+def test_two_pickles_with_different_cores_each_run_with_their_own(stylegan_root, tmp_path):
+    # A notebook comparing runs of two rtm-mapping versions, calc_metrics.py over their snapshots: one process,
+    # in which torch_utils.persistence runs each pickled source once, whichever pickle brought it first.
+    from conftest import check_two_core_versions
+    G = dict(class_name='rtm_mapping.networks.Generator', c_dim=0, **SMALL)
+    D = dict(class_name='training.networks.Discriminator', c_dim=0, img_resolution=16, img_channels=3, channel_base=256, channel_max=32,
+             num_fp16_res=0, conv_clamp=None, epilogue_kwargs=dict(mbstd_group_size=4))
+    check_two_core_versions(tmp_path, stylegan_root, [dict(G=G, D=D)], adapters=['rtm_mapping.networks'])
+
 #----------------------------------------------------------------------------
 # DDP, as the training loop does it: rank-specific seeds, broadcast, the mapping wrapped on its own.
 

@@ -1,14 +1,11 @@
 """The train.py patch: idempotent, byte-exact revert, refusal of files it does not recognise, and
 the options it adds (dry runs of the patched train.py against the real checkout)."""
 
-import json
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
+from conftest import copy_checkout, official_root, run_patch, train_py_runs, training_options
 
 from stylegan2_ada_patch import patcher
 from stylegan2_ada_patch.compat import fix_infinite_sampler
@@ -17,14 +14,7 @@ from stylegan2_ada_patch.compat import fix_infinite_sampler
 @pytest.fixture
 def checkout(stylegan_root, tmp_path):
     """A private copy of the checkout, so that patching never touches the user's files."""
-    root = tmp_path / 'stylegan2-ada-pytorch'
-    shutil.copytree(stylegan_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig'))
-    return root
-
-
-def run_patch(*args):
-    result = CliRunner().invoke(patcher.patch, [str(a) for a in args])
-    return result.exit_code, result.output
+    return copy_checkout(stylegan_root, tmp_path / 'stylegan2-ada-pytorch')
 
 
 def fake_checkout(root, train_text, codebase='stylegan2-ada'):
@@ -59,30 +49,32 @@ def test_not_a_checkout_is_refused(tmp_path):
     assert 'NVlabs/stylegan2-ada-pytorch' in out and 'NVlabs/stylegan3' in out
 
 
-EDITS = patcher.EDITS['stylegan2-ada']
-
-
-def test_patch_is_idempotent_and_reverts_byte_for_byte(checkout):
-    originals = {name: (checkout / name).read_bytes() for name in EDITS}
-    code, out = run_patch(checkout)
+@pytest.mark.parametrize('codebase', list(patcher.EDITS))
+def test_patch_is_idempotent_and_reverts_byte_for_byte(codebase, tmp_path):
+    root = copy_checkout(official_root(codebase), tmp_path / codebase, ignore=('docs', 'gui_utils', 'viz'))
+    names = list(patcher.EDITS[codebase])
+    originals = {name: (root / name).read_bytes() for name in names}
+    code, out = run_patch(root)
     assert code == 0 and out.count('Patched') == 2
-    patched = {name: (checkout / name).read_bytes() for name in EDITS}
-    added = [line for line in patched['train.py'].decode().splitlines() if patcher.MARK in line]
-    assert 2 <= len(added) <= 5  # a few lines, each marked
+    patched = {name: (root / name).read_bytes() for name in names}
+    text = patched['train.py'].decode()
+    assert 2 <= len([line for line in text.splitlines() if patcher.MARK in line]) <= 5  # a few lines, each marked
+    if codebase == 'stylegan3':     # its training package imports pkg_resources at import: the hook's fixes come first
+        assert text.index('rtm_hooks.setup()') < text.index('from training import training_loop')
 
-    code, out = run_patch(checkout)
+    code, out = run_patch(root)
     assert code == 0 and out.count('already patched') == 2
-    assert {name: (checkout / name).read_bytes() for name in EDITS} == patched
+    assert {name: (root / name).read_bytes() for name in names} == patched
 
-    code, out = run_patch(checkout, '--check')
+    code, out = run_patch(root, '--check')
     assert code == 0 and out.count(': patched') == 2
-    for name in EDITS:
-        assert (checkout / (name + patcher.BACKUP_SUFFIX)).read_bytes() == originals[name]
+    for name in names:
+        assert (root / (name + patcher.BACKUP_SUFFIX)).read_bytes() == originals[name]
 
-    code, out = run_patch(checkout, '--revert')
+    code, out = run_patch(root, '--revert')
     assert code == 0
-    assert {name: (checkout / name).read_bytes() for name in EDITS} == originals
-    code, out = run_patch(checkout, '--check')
+    assert {name: (root / name).read_bytes() for name in names} == originals
+    code, out = run_patch(root, '--check')
     assert code == 0 and out.count(': official') == 2
 
 
@@ -119,60 +111,59 @@ def test_infinite_sampler_fix(stylegan_root):
     assert fix_infinite_sampler() is False  # idempotent
 
 #----------------------------------------------------------------------------
+# The patched train.py's options, in dry runs: every run of this part in one process before the patch and one after.
 
-def dry_run(root, *args):
-    out = subprocess.run([sys.executable, 'train.py', '--outdir', str(root / 'runs'), '--data', str(root / 'data'), '--dry-run', *args],
-                         cwd=root, capture_output=True, text=True, timeout=300)
-    return out
-
-
-@pytest.fixture
-def patched(checkout):
-    from stylegan2_ada_patch.dataset import write_dataset
-    write_dataset(str(checkout / 'data'), count=8, resolution=32)
-    unpatched = dry_run(checkout, '--cfg=cifar')
-    run_patch(checkout)
-    return checkout, unpatched
-
-
-def options(output):
-    text = output[output.index('Training options:') + len('Training options:'):]
-    return json.loads(text[:text.index('\n}\n') + 2]), output.split('Output directory:')[1].split('\n')[0].strip()
-
-
-def test_map_mlp_is_the_unpatched_train_py(patched):
-    root, unpatched = patched
-    assert unpatched.returncode == 0, unpatched.stderr
-    for extra in ([], ['--map=mlp']):
-        out = dry_run(root, '--cfg=cifar', *extra)
-        assert out.returncode == 0, out.stderr
-        assert options(out.stdout) == options(unpatched.stdout)
-
-
-def test_map_rtm_options_reach_g_kwargs_and_run_name(patched):
-    root, _ = patched
-    out = dry_run(root, '--cfg=cifar', '--map=rtm', '--map-h=8', '--map-l=2', '--map-block=attention')
-    assert out.returncode == 0, out.stderr
-    args, run_dir = options(out.stdout)
-    assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks.Generator'
-    assert args['G_kwargs']['mapping_kwargs'] == dict(steps=8, inner_steps=2, block='attention', tokens=4, token_dim=128)
-    assert os.path.basename(run_dir).endswith('-cifar-rtmH8L2-attention')
-    assert args['D_kwargs']['class_name'] == 'training.networks.Discriminator'
-
-    out = dry_run(root, '--cfg=cifar', '--map-depth=16')
-    args, run_dir = options(out.stdout)
-    assert args['G_kwargs']['mapping_kwargs']['num_layers'] == 16 and run_dir.endswith('-cifar-map16')
-    assert '--map-depth' in subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, capture_output=True, text=True).stdout
-
-
-@pytest.mark.parametrize('bad, message', [
+BAD_FLAGS = [
     (['--map=rtm', '--map-h=0'], '0 is not in the range x>=1'),
     (['--map=transformer'], "'transformer' is not one of 'mlp', 'rtm'"),
     (['--map-h=8'], '--map-h need --map=rtm'),
     (['--map=rtm', '--map-depth=4'], '--map-depth sets the depth of the MLP mapper'),
     (['--map=rtm', '--map-block=attention', '--map-token-dim=90'], 'invalid RTM options'),
-])
-def test_bad_flags_get_clear_errors(patched, bad, message):
-    root, _ = patched
-    out = dry_run(root, '--cfg=cifar', *bad)
-    assert out.returncode == 2 and message in out.stdout + out.stderr, out.stdout + out.stderr  # train.py logs stderr to stdout
+]
+DRY_RUNS = [['--cfg=cifar'], ['--cfg=cifar', '--map=mlp'], ['--cfg=cifar', '--map=rtm', '--map-h=8', '--map-l=2', '--map-block=attention'],
+            ['--cfg=cifar', '--map-depth=16']] + [['--cfg=cifar', *bad] for bad, _ in BAD_FLAGS]
+
+
+@pytest.fixture(scope='module')
+def dry_runs(stylegan_root, tmp_path_factory):
+    """{flags: (exit code, output)} of train.py --dry-run: 'official' of the unpatched train.py with --cfg=cifar,
+    the others of DRY_RUNS and --help with the patched one."""
+    from stylegan2_ada_patch.dataset import write_dataset
+    tmp = tmp_path_factory.mktemp('dry-runs')
+    root = copy_checkout(stylegan_root, tmp / 'stylegan2-ada-pytorch')
+    write_dataset(str(tmp / 'data'), count=8, resolution=32)
+    common = ['--outdir', tmp / 'runs', '--data', tmp / 'data', '--dry-run']
+    official, = train_py_runs(root, [common + ['--cfg=cifar']])
+    assert run_patch(root)[0] == 0
+    results = train_py_runs(root, [common + args for args in DRY_RUNS] + [['--help']])
+    return dict(official=official, **{' '.join(args): result for args, result in zip(DRY_RUNS + [['--help']], results)})
+
+
+def test_map_mlp_is_the_unpatched_train_py(dry_runs):
+    code, official = dry_runs['official']
+    assert code == 0, official
+    for flags in ('--cfg=cifar', '--cfg=cifar --map=mlp'):
+        code, out = dry_runs[flags]
+        assert code == 0, out
+        assert training_options(out) == training_options(official)
+
+
+def test_map_rtm_options_reach_g_kwargs_and_run_name(dry_runs):
+    code, out = dry_runs['--cfg=cifar --map=rtm --map-h=8 --map-l=2 --map-block=attention']
+    assert code == 0, out
+    args, run_dir = training_options(out)
+    assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks.Generator'
+    assert args['G_kwargs']['mapping_kwargs'] == dict(steps=8, inner_steps=2, block='attention', tokens=4, token_dim=128)
+    assert run_dir.endswith('-cifar-rtmH8L2-attention')
+    assert args['D_kwargs']['class_name'] == 'training.networks.Discriminator'
+
+    args, run_dir = training_options(dry_runs['--cfg=cifar --map-depth=16'][1])
+    assert args['G_kwargs']['mapping_kwargs']['num_layers'] == 16 and run_dir.endswith('-cifar-map16')
+    code, help_text = dry_runs['--help']
+    assert code == 0 and '--map-depth' in help_text
+
+
+@pytest.mark.parametrize('bad, message', BAD_FLAGS)
+def test_bad_flags_get_clear_errors(dry_runs, bad, message):
+    code, out = dry_runs[' '.join(['--cfg=cifar', *bad])]
+    assert code == 2 and message in out, out

@@ -1,5 +1,8 @@
 """The README's commands and examples, run as a user would."""
 
+import glob
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -7,8 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
 
-from rtm_mapping.cli import COMMANDS
+from rtm_mapping.cli import COMMANDS, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
@@ -50,11 +54,44 @@ def test_quick_start_main_job(stylegan_root, tmp_path):
     out = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'demo.sh'), str(root), str(tmp_path / 'work')],
                          env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir, = glob.glob(str(tmp_path / 'work' / 'runs' / '*'))
+    with open(os.path.join(run_dir, 'training_options.json')) as f:
+        G_kwargs = json.load(f)['G_kwargs']
+    assert G_kwargs['class_name'] == 'rtm_mapping.networks.Generator' and G_kwargs['mapping_kwargs']['steps'] == 16
+    assert os.path.isfile(os.path.join(run_dir, 'fakes000000.png'))
     assert len(os.listdir(tmp_path / 'work' / 'generated')) == 4
 
 
 @pytest.mark.parametrize('command', list(COMMANDS))
 def test_every_command_is_documented_and_has_help(command):
     assert f'`{command}`' in README
-    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', command, '--help'], capture_output=True, text=True)
-    assert out.returncode == 0 and 'Usage:' in out.stdout, out.stderr
+    result = CliRunner().invoke(main, [command, '--help'])
+    assert result.exit_code == 0 and result.output.startswith(f'Usage: main {command} '), result.output
+
+
+def test_the_command_runs_as_a_module_and_lists_every_command():
+    out = subprocess.run([sys.executable, '-m', 'rtm_mapping.cli', '--help'], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    listed = out.stdout.split('Commands:')[1]
+    assert [line.split()[0] for line in listed.splitlines() if line.startswith('  ') and line[2] != ' '] == list(COMMANDS)
+
+
+def _figures():
+    spec = importlib.util.spec_from_file_location('figures', os.path.join(ROOT, 'scripts', 'figures.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measured_figures_are_those_of_their_jsons():
+    """Every table of measured figures in README.md and docs/performance.md is generated (scripts/figures.py) and is
+    what its JSON gives (docs/bench/*.json, docs/mode-coverage.json): a figure can change only with its JSON."""
+    figures = _figures()
+    for document in figures.DOCUMENTS:
+        text = open(os.path.join(ROOT, document), encoding='utf-8').read()
+        found = figures.blocks(text)
+        assert found and text.count('<!-- figures:') == text.count('<!-- /figures -->') == sum(map(len, found.values())), document
+        for name, bodies in found.items():
+            for body in bodies:
+                assert body == figures.render(name), \
+                    f'{document}: the {name} table is not what its JSON gives; run `python scripts/figures.py --render-only`'

@@ -2,7 +2,6 @@
 families (networks_stylegan2.py for --cfg=stylegan2, networks_stylegan3.py for stylegan3-t/r), their
 pickles without rtm-mapping, the train.py patch, CPU smoke runs and the tools on its pickles."""
 
-import copy
 import importlib
 import inspect
 import io
@@ -10,14 +9,14 @@ import json
 import os
 import pickle
 import shlex
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import run_stock
+from conftest import SHIM_PATHS, copy_checkout, original_init, run_patch, run_stock, snapshot, train_py_runs, training_options
+from conftest import stock_snapshot as stock_pickle
 
 # family: (our adapter, the official module it extends, small synthesis arguments)
 FAMILIES = {
@@ -50,10 +49,6 @@ def build_d(c_dim=0):
 def labels(n, c_dim):
     return torch.eye(c_dim)[torch.arange(n) % c_dim] if c_dim else torch.zeros(n, 0)
 
-
-def original_init(cls):
-    """The constructor under persistence's Decorator."""
-    return cls.__mro__[1].__init__
 
 #----------------------------------------------------------------------------
 # Networks.
@@ -137,10 +132,6 @@ def test_official_loss_phases(stylegan3_root, family):
     assert not torch.equal(G.mapping.w_avg, before)   # Dmain runs G with update_emas=True
 
 
-def snapshot(G, D):
-    return dict(G=G, D=D, G_ema=copy.deepcopy(G).eval(), augment_pipe=None, training_set_kwargs=None)
-
-
 @pytest.mark.parametrize('family, c_dim', [('stylegan2', 3), ('stylegan3', 0)])
 def test_pickles_load_and_run_without_the_package(stylegan3_root, tmp_path, family, c_dim):
     G = build(family, c_dim=c_dim)
@@ -168,6 +159,17 @@ def test_pickles_load_and_run_without_the_package(stylegan3_root, tmp_path, fami
     assert out.strip() == 'ok MappingNetwork 3'
 
 
+def test_two_pickles_with_different_cores_each_run_with_their_own(stylegan3_root, tmp_path):
+    # Both families' adapters, in pickles of this rtm-mapping and of one whose core differs, loaded in one process.
+    from conftest import check_two_core_versions
+    D = dict(class_name='training.networks_stylegan2.Discriminator', c_dim=0, img_resolution=16, img_channels=3, channel_base=256,
+             channel_max=32, num_fp16_res=0, conv_clamp=None, epilogue_kwargs=dict(mbstd_group_size=4))
+    specs = [dict(G=dict(class_name=f'{adapter}.Generator', z_dim=32, c_dim=0, w_dim=32, img_resolution=16, img_channels=3,
+                         mapping_kwargs=RTM, num_fp16_res=0, conv_clamp=None, **synthesis), D=D)
+             for adapter, _, synthesis in FAMILIES.values()]
+    check_two_core_versions(tmp_path, stylegan3_root, specs, adapters=[adapter for adapter, _, _ in FAMILIES.values()])
+
+
 def test_force_fp16_rebuild_keeps_rtm(stylegan3_root):
     import legacy
     G = build('stylegan3', block='attention', token_dim=16)
@@ -185,39 +187,7 @@ def test_force_fp16_rebuild_keeps_rtm(stylegan3_root):
 @pytest.fixture
 def sg3_checkout(stylegan3_root, tmp_path):
     """A private copy of the StyleGAN3 checkout, so that patching never touches the user's files."""
-    root = tmp_path / 'stylegan3'
-    shutil.copytree(stylegan3_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig', 'docs', 'gui_utils', 'viz'))
-    return root
-
-
-def run_patch(*args):
-    from stylegan2_ada_patch import patcher
-    result = CliRunner().invoke(patcher.patch, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def test_patch_is_idempotent_and_reverts_byte_for_byte(sg3_checkout):
-    from stylegan2_ada_patch import patcher
-    names = list(patcher.EDITS['stylegan3'])
-    originals = {name: (sg3_checkout / name).read_bytes() for name in names}
-    code, out = run_patch(sg3_checkout)
-    assert code == 0 and out.count('Patched') == 2
-    patched = {name: (sg3_checkout / name).read_bytes() for name in names}
-    added = [line for line in patched['train.py'].decode().splitlines() if patcher.MARK in line]
-    assert 2 <= len(added) <= 5  # a few lines, each marked
-    text = patched['train.py'].decode()
-    assert text.index('rtm_hooks.setup()') < text.index('from training import training_loop')   # before anything imports pkg_resources
-
-    code, out = run_patch(sg3_checkout)
-    assert code == 0 and out.count('already patched') == 2
-    assert {name: (sg3_checkout / name).read_bytes() for name in names} == patched
-    for name in names:
-        assert (sg3_checkout / (name + patcher.BACKUP_SUFFIX)).read_bytes() == originals[name]
-
-    code, out = run_patch(sg3_checkout, '--revert')
-    assert code == 0 and {name: (sg3_checkout / name).read_bytes() for name in names} == originals
-    code, out = run_patch(sg3_checkout, '--check')
-    assert code == 0 and out.count(': official') == 2
+    return copy_checkout(stylegan3_root, tmp_path / 'stylegan3', ignore=('docs', 'gui_utils', 'viz'))
 
 
 def test_edited_train_py_is_refused_untouched(sg3_checkout):
@@ -231,18 +201,12 @@ def test_edited_train_py_is_refused_untouched(sg3_checkout):
 
 def shim_env():
     """The environment of the official scripts: tests/shims last on the path where there is no pkg_resources (see conftest)."""
-    from conftest import SHIM_PATHS
     return dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in [os.environ.get('PYTHONPATH'), *SHIM_PATHS] if p]), PYTHONDONTWRITEBYTECODE='1')
 
 
 def train(root, *args, timeout=300):
     return subprocess.run([sys.executable, 'train.py', '--outdir', str(root / 'runs'), '--data', str(root / 'data.zip'), '--gpus=1',
                            '--batch=4', '--gamma=1', *args], cwd=root, env=shim_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def options(output):
-    text = output[output.index('Training options:') + len('Training options:'):]
-    return json.loads(text[:text.index('\n}\n') + 2]), output.split('Output directory:')[1].split('\n')[0].strip()
 
 
 def adam_refuses_mixed_betas():
@@ -253,26 +217,34 @@ def adam_refuses_mixed_betas():
         return True
 
 
-@pytest.fixture
-def patched(sg3_checkout):
+def test_dry_runs_of_the_patched_train_py(sg3_checkout):
     from stylegan2_ada_patch.dataset import write_dataset
-    write_dataset(str(sg3_checkout / 'data.zip'), count=8, resolution=16)
-    unpatched = {cfg: train(sg3_checkout, f'--cfg={cfg}', '--dry-run') for cfg in ('stylegan2', 'stylegan3-t')}
-    assert run_patch(sg3_checkout)[0] == 0
-    return sg3_checkout, unpatched
+    root = sg3_checkout
+    write_dataset(str(root / 'data.zip'), count=8, resolution=16)
+    common = ['--outdir', root / 'runs', '--data', root / 'data.zip', '--gpus=1', '--batch=4', '--gamma=1', '--dry-run']
+    official = dict(zip(('stylegan2', 'stylegan3-t'), train_py_runs(root, [common + ['--cfg=stylegan2'], common + ['--cfg=stylegan3-t']], env=shim_env())))
+    assert run_patch(root)[0] == 0
+    # The README's StyleGAN3 smoke command, as a dry run (what it would train).
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md'), encoding='utf-8').read()
+    command, = [line for line in readme.replace('\\\n', ' ').splitlines() if 'train.py' in line and '--smoke' in line and 'stylegan3-t' in line]
+    runs = {
+        'stylegan2 mlp':            common + ['--cfg=stylegan2', '--map=mlp'],
+        'stylegan3-t mlp':          common + ['--cfg=stylegan3-t', '--map=mlp'],
+        'stylegan3-r rtm':          common + ['--cfg=stylegan3-r', '--map=rtm', '--map-h=8', '--map-l=2'],
+        'stylegan2 rtm attention':  common + ['--cfg=stylegan2', '--map=rtm', '--map-block=attention'],
+        'stylegan2 map-depth':      common + ['--cfg=stylegan2', '--map-depth=3'],
+        'stylegan3-t rtm map-depth': common + ['--cfg=stylegan3-t', '--map=rtm', '--map-depth=3'],
+        'help':                     ['--help'],
+        'readme':                   shlex.split(command)[2:] + ['--dry-run'],
+    }
+    out = dict(zip(runs, train_py_runs(root, list(runs.values()), env=shim_env())))
+    for cfg in ('stylegan2', 'stylegan3-t'):
+        assert official[cfg][0] == 0 and out[f'{cfg} mlp'][0] == 0, official[cfg][1] + out[f'{cfg} mlp'][1]
+        assert training_options(out[f'{cfg} mlp'][1]) == training_options(official[cfg][1])    # --map=mlp is the official train.py
 
-
-def test_dry_runs_of_the_patched_train_py(patched):
-    root, unpatched = patched
-    for cfg, official in unpatched.items():
-        assert official.returncode == 0, official.stdout + official.stderr
-        out = train(root, f'--cfg={cfg}', '--map=mlp', '--dry-run')
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert options(out.stdout) == options(official.stdout)    # --map=mlp is the official train.py
-
-    out = train(root, '--cfg=stylegan3-r', '--map=rtm', '--map-h=8', '--map-l=2', '--dry-run')
-    assert out.returncode == 0, out.stdout + out.stderr
-    args, run_dir = options(out.stdout)
+    code, text = out['stylegan3-r rtm']
+    assert code == 0, text
+    args, run_dir = training_options(text)
     assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks_stylegan3.Generator' and args['G_kwargs']['use_radial_filters']
     assert args['G_kwargs']['mapping_kwargs'] == dict(steps=8, inner_steps=2, block='mixer', tokens=4, token_dim=128)
     assert run_dir.endswith('-stylegan3-r-data-gpus1-batch4-gamma1-rtmH8L2')
@@ -280,28 +252,24 @@ def test_dry_runs_of_the_patched_train_py(patched):
     refuses = adam_refuses_mixed_betas()                # torch 2.1's Adam takes [0, 0.99]; newer ones refuse it
     betas = args['G_opt_kwargs']['betas']               # the loop passes them to Adam as written
     assert all(isinstance(beta, float) for beta in betas) if refuses else betas == [0, 0.99]
-    assert ('made them floats' in out.stdout) == refuses
+    assert ('made them floats' in text) == refuses
 
-    out = train(root, '--cfg=stylegan2', '--map=rtm', '--map-block=attention', '--dry-run')
-    args, run_dir = options(out.stdout)
+    code, text = out['stylegan2 rtm attention']
+    args, run_dir = training_options(text)
     assert args['G_kwargs']['class_name'] == 'rtm_mapping.networks_stylegan2.Generator' and run_dir.endswith('-rtmH16L1-attention')
-    assert 'made them floats' not in out.stdout     # lazy regularization: the loop makes them floats itself
+    assert 'made them floats' not in text     # lazy regularization: the loop makes them floats itself
 
-    out = train(root, '--cfg=stylegan2', '--map-depth=3', '--dry-run')   # StyleGAN3's own option, its own meaning
-    args, run_dir = options(out.stdout)
+    args, run_dir = training_options(out['stylegan2 map-depth'][1])   # StyleGAN3's own option, its own meaning
     assert args['G_kwargs']['mapping_kwargs'] == dict(num_layers=3) and run_dir.endswith('-gamma1')
 
-    out = train(root, '--cfg=stylegan3-t', '--map=rtm', '--map-depth=3', '--dry-run')
-    assert out.returncode == 2 and '--map-depth sets the depth of the MLP mapper' in out.stdout + out.stderr
-    help_text = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, env=shim_env(), capture_output=True, text=True).stdout
-    assert help_text.count('--map-depth') == 1 and '--map-h' in help_text and '--smoke' in help_text
+    code, text = out['stylegan3-t rtm map-depth']
+    assert code == 2 and '--map-depth sets the depth of the MLP mapper' in text
+    code, help_text = out['help']
+    assert code == 0 and help_text.count('--map-depth') == 1 and '--map-h' in help_text and '--smoke' in help_text
 
-    # The README's StyleGAN3 smoke command (dry run: what it would train).
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md'), encoding='utf-8').read()
-    command, = [line for line in readme.replace('\\\n', ' ').splitlines() if 'train.py' in line and '--smoke' in line and 'stylegan3-t' in line]
-    out = subprocess.run([sys.executable, *shlex.split(command)[1:], '--dry-run'], cwd=root, env=shim_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    args, run_dir = options(out.stdout)
+    code, text = out['readme']
+    assert code == 0, text
+    args, run_dir = training_options(text)
     smoke = 'smoke' if torch.cuda.is_available() else 'cpusmoke'
     assert run_dir.endswith(f'-stylegan3-t-data-gpus1-batch4-gamma1-rtmH4L1-{smoke}') and args['total_kimg'] == 0.008
 
@@ -386,7 +354,7 @@ def test_prdc_through_calc_metrics_and_sweep_h(sg3_checkout, tmp_path, monkeypat
     assert all(0 <= value <= 1 for key, value in result.items() if not key.endswith('density'))
 
     table = tmp_path / 'sweep.json'
-    result = CliRunner().invoke(sweep_h, ['--network', str(snapshot_pkl), '--metrics', 'prdc_vgg_full', '--h', '2,3', '--stylegan', str(sg3_checkout),
+    result = CliRunner().invoke(sweep_h, ['--network', str(snapshot_pkl), '--metrics', 'prdc_vgg_full', '--map-h', '2,3', '--stylegan', str(sg3_checkout),
                                           '--device', 'cpu', '--verbose', 'false', '--out-json', str(table), '--out-md', str(tmp_path / 'sweep.md')])
     assert result.exit_code == 0, result.output
     rows = json.loads(table.read_text())['rows']
@@ -400,12 +368,7 @@ def test_prdc_through_calc_metrics_and_sweep_h(sg3_checkout, tmp_path, monkeypat
 def stock_snapshot(family, c_dim):
     """A pickle as training_loop.py writes it, with the official networks of a family (MLP mapper, random weights)."""
     torch.manual_seed(1000 + c_dim)
-    G = build(family, c_dim=c_dim, official=True)
-    G_ema = copy.deepcopy(G)
-    with torch.no_grad():
-        G_ema.mapping.w_avg.normal_()
-    return dict(G=G.eval().requires_grad_(False), D=build_d(c_dim).eval().requires_grad_(False), G_ema=G_ema.eval().requires_grad_(False),
-                augment_pipe=None, training_set_kwargs=None)
+    return stock_pickle(build(family, c_dim=c_dim, official=True), build_d(c_dim))
 
 
 def load(path, force_fp16=False):
@@ -418,7 +381,9 @@ def load(path, force_fp16=False):
 def test_swap_info_and_set_h_on_a_stock_pickle(stylegan3_root, tmp_path, family, c_dim):
     from torch_utils import misc
 
-    from rtm_mapping.swap import info, set_h, swap
+    from rtm_mapping.info import info
+    from rtm_mapping.set_h import set_h
+    from rtm_mapping.swap import swap
     stock = stock_snapshot(family, c_dim)
     src, dst = str(tmp_path / 'stock.pkl'), str(tmp_path / 'rtm.pkl')
     with open(src, 'wb') as f:
@@ -442,7 +407,7 @@ def test_swap_info_and_set_h_on_a_stock_pickle(stylegan3_root, tmp_path, family,
     assert CliRunner().invoke(info, [src, '--stylegan', stylegan3_root]).output.count(f'mapper mlp ({stock["G"].mapping.num_layers} layers') == 2
 
     again = str(tmp_path / 'rtm-h3.pkl')
-    result = CliRunner().invoke(set_h, [dst, '--h', '3', '--out', again, '--stylegan', stylegan3_root])
+    result = CliRunner().invoke(set_h, [dst, '--map-h', '3', '--out', again, '--stylegan', stylegan3_root])
     assert result.exit_code == 0, result.output
     assert load(again)['G_ema'].mapping.rtm.steps == 3 and load(again, force_fp16=True)['G_ema'].mapping.rtm.steps == 3
 

@@ -71,7 +71,7 @@ def _sweep(setup, *args):
 
 def test_sweep_writes_one_table(setup):
     out = setup['tmp']
-    result = _sweep(setup, '--metrics', 'fid_test,prdc_test', '--h', f'2,{NATIVE_H}', '--out-json', str(out / 't.json'), '--out-md', str(out / 't.md'))
+    result = _sweep(setup, '--metrics', 'fid_test,prdc_test', '--map-h', f'2,{NATIVE_H}', '--out-json', str(out / 't.json'), '--out-md', str(out / 't.md'))
     assert result.exit_code == 0, result.output
     table = json.loads((out / 't.json').read_text())
     assert table['native_h'] == NATIVE_H and [row['h'] for row in table['rows']] == [2, NATIVE_H]
@@ -84,7 +84,7 @@ def test_sweep_writes_one_table(setup):
     assert markdown in result.output
 
     # Same seed at every H: the native row alone, in another run, gives the same numbers.
-    again = _sweep(setup, '--metrics', 'fid_test', '--h', str(NATIVE_H))
+    again = _sweep(setup, '--metrics', 'fid_test', '--map-h', str(NATIVE_H))
     assert again.exit_code == 0, again.output
     assert json.loads((out / 'rtm-sweep-h.json').read_text())['rows'][0]['results']['fid_test'] == table['rows'][1]['results']['fid_test']
 
@@ -111,7 +111,7 @@ def test_refuses_a_pickle_without_rtm(setup):
 def test_rejects_unknown_metrics_and_bad_h(setup):
     result = _sweep(setup, '--metrics', 'fid50k_fulll')
     assert result.exit_code == 1 and 'Unknown metric(s) fid50k_fulll' in result.output and 'prdc_full' in result.output
-    result = _sweep(setup, '--metrics', 'fid_test', '--h', '8,0')
+    result = _sweep(setup, '--metrics', 'fid_test', '--h', '8,0')     # --h: --map-h's other name
     assert result.exit_code == 2 and 'distinct positive integers' in result.output
 
 

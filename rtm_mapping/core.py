@@ -287,6 +287,25 @@ BLOCKS = ('mixer', 'attention')
 # graph per (batch size, dtype, device, H, L, grad_steps, grad mode); 'reduce-overhead' replays
 # it as a CUDA graph. The compiled function is shared by every mapper of the process and is
 # never part of a mapper's state: pickles and copies hold no trace of it.
+#
+# CUDA graphs and a mapper called again before its results are used up. A CUDA graph's outputs
+# live in memory that its next replay writes again, and so do the gradients its backward graph
+# computes. StyleGAN's loss calls the mapper twice per phase for style mixing (the first call's w
+# still in use), the discriminator phases call it with nothing waiting for a backward (there, each
+# call starts a new CUDA-graph iteration, which frees the previous one's memory), and with gradient
+# accumulation the parameters' .grad from one round would be graph memory that the next round's
+# backward writes again. So nothing that leaves the captured region is graph memory (_copied_out):
+# the forward's output is a copy, and the gradients the graph's backward hands to the parameters
+# and to z0 are copies, made by a hook on the graph's autograd node before they reach .grad or the
+# lift. What stays in graph memory is only what the graph's own backward reads, which PyTorch's
+# CUDA graph trees keep while that backward is pending. It costs one [batch, tokens, token_dim]
+# copy per call and one copy of the block's gradients per backward, next to hundreds of kernels.
+#
+# Under DDP (train.py --gpus > 1), dynamo by default splits a graph it compiles at DDP's gradient
+# buckets, so that all-reduce starts during the backward ("optimize_ddp"). The recursion's backward
+# is one short graph with nothing worth splitting, and on torch 2.1 that path fails for a fullgraph
+# compile (a TypeError inside dynamo), so in a process with a process group the captured call runs
+# with it off.
 
 COMPILE_MODES = ('auto', 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 _compile_default: Optional[str] = None      # set_compile_default(); per process
@@ -309,19 +328,45 @@ def set_compile_default(mode: Optional[str]) -> None:
     _compile_default = mode
 
 
+def _copy_gradients(grad_inputs, grad_outputs):
+    """Hook of a captured graph's autograd node: the gradients it computed, as copies (see above)."""
+    return tuple(None if grad is None else grad.clone() for grad in grad_inputs)
+
+
+def _copied_out(captured):
+    """`captured` (a compiled recursion) as the mapper calls it: its output and gradients leave it as copies, never
+    as graph memory, and in a process with a process group dynamo compiles it without DDP's graph splitting (see above)."""
+
+    def call(*args):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            config = torch._dynamo.config
+            optimize_ddp, config.optimize_ddp = config.optimize_ddp, False
+            try:
+                out = captured(*args)
+            finally:
+                config.optimize_ddp = optimize_ddp
+        else:
+            out = captured(*args)
+        if out.grad_fn is not None:
+            out.grad_fn.register_hook(_copy_gradients)
+        return out.clone()
+    return call
+
+
 def compiled(function, mode: str, device_type: str):
-    """torch.compile(function) for `mode`, built once per process and reused. 'auto': CUDA graphs on
-    CUDA; elsewhere inductor with its C++ wrapper, which calls the graph's kernels without a Python
-    dispatch each (at batch 1 on the CPU: 0.26x the eager call against 0.39x with the Python wrapper)."""
+    """torch.compile(function) for `mode`, built once per process and reused, its results copied out
+    (_copied_out). 'auto': CUDA graphs on CUDA; elsewhere inductor with its C++ wrapper, which calls
+    the graph's kernels without a Python dispatch each (at batch 1 on the CPU: 0.26x the eager call
+    against 0.39x with the Python wrapper)."""
     if mode == 'auto' and device_type != 'cuda':
         key = (function, 'auto-cpu')
         if key not in _compiled:
-            _compiled[key] = torch.compile(function, fullgraph=True, options={'cpp_wrapper': True})
+            _compiled[key] = _copied_out(torch.compile(function, fullgraph=True, options={'cpp_wrapper': True}))
         return _compiled[key]
     mode = 'reduce-overhead' if mode == 'auto' else mode
     key = (function, mode)
     if key not in _compiled:
-        _compiled[key] = torch.compile(function, mode=mode, fullgraph=True)
+        _compiled[key] = _copied_out(torch.compile(function, mode=mode, fullgraph=True))
     return _compiled[key]
 
 #----------------------------------------------------------------------------

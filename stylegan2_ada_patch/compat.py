@@ -13,6 +13,10 @@ affected), and is announced once:
                             the official FID calls it)              as SciPy 1.17 did: the same root and error estimate
     pkg_resources           setuptools >= 81 (StyleGAN3's           a `pkg_resources` module with parse_version only,
                             conv2d_gradfix / grid_sample_gradfix)   when there is none
+    grid_sample             PyTorch whose grid_sample has no        StyleGAN2-ADA's grid_sample_gradfix.grid_sample gets
+                            double backward (2.1, ...; the gradfix  one whose backward is differentiable (torch's own
+                            uses torch's op after 1.9): R1 through  kernels forward and backward)
+                            ADA's geometric augmentations raises
     Adam betas              PyTorch whose Adam refuses betas that   a run's Adam betas made floats where the loop
                             mix int and float (2.13 does):          passes them to Adam as written (a fix of the
                             StyleGAN3's [0, 0.99], stylegan3-t/r    training options: train_hooks.apply() calls
@@ -27,9 +31,11 @@ import inspect
 import multiprocessing
 import sys
 import types
+import warnings
 from typing import List
 
 import torch
+import torch.nn.functional as F
 
 #----------------------------------------------------------------------------
 # PyTorch >= 2: Sampler.__init__(data_source).
@@ -134,6 +140,88 @@ def fix_pkg_resources() -> bool:
     return True
 
 #----------------------------------------------------------------------------
+# PyTorch without a double backward for grid_sample: R1 through ADA's geometric augmentations.
+# StyleGAN2-ADA's grid_sample_gradfix uses its own op on PyTorch 1.7-1.9 only and torch's grid_sample
+# elsewhere; where torch has no derivative of grid_sampler_2d_backward (2.1 here; users report it on
+# 2.5.1), the first R1 step of --aug=ada raises, even at augmentation probability 0 (the pipe samples
+# anyway). StyleGAN3's gradfix uses its own op whenever its training loop enables it, so there the probe
+# below passes and nothing is changed.
+
+def _grid_sample_native(input, grid):
+    return F.grid_sample(input, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+
+
+class _GridSample(torch.autograd.Function):
+    """torch's grid_sample (bilinear, zeros padding, align_corners=False: what the augment pipe calls) for a grid
+    that needs no gradient, whose backward is itself differentiable (_GridSampleBackward)."""
+
+    @staticmethod
+    def forward(ctx, input, grid):
+        ctx.save_for_backward(input, grid)
+        return _grid_sample_native(input, grid)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, grid = ctx.saved_tensors
+        return _GridSampleBackward.apply(grad_output, input, grid), None
+
+
+class _GridSampleBackward(torch.autograd.Function):
+    """The input's gradient of grid_sample, by torch's kernel. For a fixed grid, grid_sample is a linear map S of the
+    input (each output pixel a bilinear blend of four input pixels), so grad_input = S^T grad_output: linear in
+    grad_output, independent of the input. Its derivative, applied to a gradient g of grad_input, is S g =
+    grid_sample(g, grid), again a _GridSample: every order of gradient works."""
+
+    @staticmethod
+    def forward(ctx, grad_output, input, grid):
+        ctx.save_for_backward(grid)
+        grad_input, _ = torch.ops.aten.grid_sampler_2d_backward(grad_output, input, grid, 0, 0, False, [True, False])
+        return grad_input
+
+    @staticmethod
+    def backward(ctx, grad2_input):
+        grid, = ctx.saved_tensors
+        return _GridSample.apply(grad2_input, grid), None, None
+
+
+def grid_sample(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """grid_sample_gradfix.grid_sample with a gradient of any order with respect to the input. A grid that needs a
+    gradient itself (never the augment pipe's) goes to torch's op, as in the official code."""
+    if grid.requires_grad:
+        return _grid_sample_native(input, grid)
+    return _GridSample.apply(input, grid)
+
+
+def _double_backward_works(grid_sample) -> bool:
+    """Whether a gradient of an input gradient (what R1 takes) passes through grid_sample, tried on a 2x2 image."""
+    image = torch.ones([1, 1, 2, 2], requires_grad=True)
+    try:
+        (grad,) = torch.autograd.grad(grid_sample(image, torch.zeros([1, 1, 1, 2])).square().sum(), image, create_graph=True)
+        grad.square().sum().backward()
+    except RuntimeError as err:
+        if 'grid_sampler_2d_backward' not in str(err):  # "derivative for aten::grid_sampler_2d_backward is not implemented"
+            raise
+        return False
+    return True
+
+
+def fix_grid_sample() -> bool:
+    """Give torch_utils.ops.grid_sample_gradfix a grid_sample with a differentiable backward where the official one,
+    enabled as the training loop enables it, has none; True if it did now."""
+    from torch_utils.ops import grid_sample_gradfix
+    enabled = grid_sample_gradfix.enabled
+    grid_sample_gradfix.enabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')     # StyleGAN2-ADA's warns on each call on PyTorch >= 1.10
+            if _double_backward_works(grid_sample_gradfix.grid_sample):
+                return False
+    finally:
+        grid_sample_gradfix.enabled = enabled
+    grid_sample_gradfix.grid_sample = grid_sample
+    return True
+
+#----------------------------------------------------------------------------
 # Adam that refuses betas mixing int and float (StyleGAN3's betas=[0, 0.99]). A fix of a run's training
 # options, not of a module: the patched train.py calls it through train_hooks.apply().
 
@@ -167,6 +255,8 @@ FIXES = [
     (fix_pkg_resources,    'setuptools has no pkg_resources; gave NVIDIA\'s ops a stand-in with parse_version'),
     (fix_infinite_sampler, f'PyTorch {torch.__version__} has no Sampler.__init__(data_source); gave torch_utils.misc.InfiniteSampler one'),
     (fix_fid_sqrtm,        'SciPy has no sqrtm(disp=); gave the official FID a sqrtm that takes it (SciPy 1.17\'s results)'),
+    (fix_grid_sample,      f'PyTorch {torch.__version__} has no double backward for grid_sample (R1 through ADA\'s geometric augmentations); '
+                           'gave torch_utils.ops.grid_sample_gradfix one'),
 ]
 
 

@@ -3,6 +3,7 @@ points at a checkout of NVlabs/stylegan2-ada-pytorch (or NVlabs/stylegan3); it i
 here (NVIDIA Source Code License)."""
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -21,8 +22,10 @@ SKIP_REASON = ('needs a StyleGAN2-ADA checkout: set STYLEGAN2_ADA_ROOT to a clon
 SKIP_REASON_STYLEGAN3 = ('needs a StyleGAN3 checkout: set STYLEGAN3_ROOT to a clone (or export) of '
                          'NVlabs/stylegan3 to run it')
 
-# StyleGAN3's torch_utils/ops import pkg_resources (gone from setuptools >= 81): tests/shims has a stand-in.
+# StyleGAN3's torch_utils/ops import pkg_resources (gone from setuptools >= 81): tests/shims has a stand-in, put on the
+# path only where setuptools has none (through PYTHONPATH it comes before site-packages and would shadow the real one).
 SHIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shims')
+SHIM_PATHS = [SHIMS] if importlib.util.find_spec('pkg_resources') is None else []
 
 # Modules that belong to one checkout: the official packages and scripts, and our adapters that import them.
 CHECKOUT_MODULES = ('dnnlib', 'legacy', 'torch_utils', 'training', 'metrics', 'train', 'calc_metrics', 'generate',
@@ -67,7 +70,7 @@ def stylegan3_root():
         del sys.modules[name]
     sys.modules.update(_stylegan3_modules)
     other = os.environ.get('STYLEGAN2_ADA_ROOT')
-    sys.path[:] = [root] + [p for p in sys.path if not (other and p == os.path.abspath(other))] + [SHIMS]
+    sys.path[:] = [root] + [p for p in sys.path if not (other and p == os.path.abspath(other))] + SHIM_PATHS
     try:
         yield root
     finally:
@@ -92,8 +95,8 @@ _NOT_INSTALLED = textwrap.dedent('''
 
 def run_stock(script: str, cwd, root, argv=()) -> str:
     """Run Python code, with sys.argv[1:] = argv, in a fresh process that has only the checkout at root (and
-    tests/shims last) on its path: rtm-mapping cannot be imported. Returns stdout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), SHIMS]), PYTHONDONTWRITEBYTECODE='1')
+    tests/shims where there is no pkg_resources) on its path: rtm-mapping cannot be imported. Returns stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *SHIM_PATHS]), PYTHONDONTWRITEBYTECODE='1')
     code = _NOT_INSTALLED + textwrap.dedent(script)
     out = subprocess.run([sys.executable, '-c', code, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -167,7 +170,7 @@ def write_snapshots(specs, cwd, root, package=None) -> None:
     rtm_mapping or the copy on `package`, and write a snapshot to spec['path'] and G's w for fixed
     (z, c) to spec['path'] + '.ref'. specs: [dict(G=G_kwargs with class_name, D=..., path=...), ...]."""
     import json
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(([package] if package else []) + [str(root), SHIMS]), PYTHONDONTWRITEBYTECODE='1')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(([package] if package else []) + [str(root), *SHIM_PATHS]), PYTHONDONTWRITEBYTECODE='1')
     out = subprocess.run([sys.executable, '-c', textwrap.dedent(_WRITE_SNAPSHOTS), json.dumps(specs)], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -210,7 +213,7 @@ def check_two_core_versions(tmp_path, root, specs, adapters):
     paths = [spec['path'] for spec in ours + other]
     for order in (paths, paths[len(ours):] + paths[:len(ours)]):
         assert run_stock(LOAD_SNAPSHOTS, tmp_path, root, argv=order).split() == ['ok', str(len(order))]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), SHIMS]), PYTHONDONTWRITEBYTECODE='1')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *SHIM_PATHS]), PYTHONDONTWRITEBYTECODE='1')
     code = ''.join(f'import {name}\n' for name in adapters) + textwrap.dedent(LOAD_SNAPSHOTS)
     out = subprocess.run([sys.executable, '-c', code, *paths[len(ours):], *paths[:len(ours)]], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)

@@ -93,6 +93,94 @@ def test_under_ddp_gradients_equal_eager(tmp_path):
         torch.testing.assert_close(g_ddp['module.' + name], g_eager[name], **TOLERANCE, msg=name)
 
 
+#----------------------------------------------------------------------------
+# CUDA graphs: results of a replay live in memory the next replay writes again. core._copied_out makes
+# what leaves the captured region a copy; GraphMemory models such a graph on the CPU.
+
+def alias(t):
+    """A new tensor on t's memory: what a replayed graph hands out."""
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
+class GraphMemory:
+    """RecursiveTokenMapper.recurse as a CUDA graph replays it: every call returns its output in the same buffer,
+    every backward returns the gradients in the same buffers."""
+
+    def __init__(self):
+        self.out, self.grads = None, None
+
+    def __call__(self, module, z0, *args):
+        return _Replay.apply(self, module, args, z0, *module.block.parameters())     # what the graph reads
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, memory, module, args, z0, *params):
+        with torch.enable_grad():
+            z0_input = z0.detach().requires_grad_(z0.requires_grad)
+            out = RecursiveTokenMapper.recurse(module, z0_input, *args)
+        ctx.memory, ctx.graph = memory, (out, z0_input, params)
+        memory.out = torch.empty_like(out) if memory.out is None else memory.out
+        memory.out.copy_(out.detach())
+        return alias(memory.out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, z0_input, params = ctx.graph
+        grads = torch.autograd.grad(out, (z0_input, *params), grad)
+        memory = ctx.memory
+        memory.grads = [torch.empty_like(g) for g in grads] if memory.grads is None else memory.grads
+        for buffer, g in zip(memory.grads, grads):
+            buffer.copy_(g)
+        return (None, None, None) + tuple(alias(buffer) for buffer in memory.grads)
+
+
+def mixing_and_accumulation_grads(m, zs, targets):
+    """Two rounds of gradient accumulation; in each, two mapper calls before one backward (style mixing)."""
+    m.zero_grad(set_to_none=True)
+    for (z1, z2), target in zip(zs, targets):
+        w1, w2 = m(z1), m(z2)
+        ((w1 - target).square().mean() + (w2 * w1).mean()).backward()
+    return {name: p.grad.clone() for name, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize('copied_out', [True, False])
+def test_two_calls_before_a_backward_and_accumulated_rounds_are_safe_from_graph_memory(monkeypatch, copied_out):
+    eager = RecursiveTokenMapper(**SMALL).train()
+    captured = copy.deepcopy(eager).set_compile('default')
+    memory = GraphMemory()
+    monkeypatch.setattr(core, 'compiled', lambda function, mode, device_type: core._copied_out(memory) if copied_out else memory)
+    zs = [(torch.randn(4, 16), torch.randn(4, 16)) for _ in range(2)]
+    targets = [torch.randn(4, 12) for _ in range(2)]
+    reference = mixing_and_accumulation_grads(eager, zs, targets)
+    grads = mixing_and_accumulation_grads(captured, zs, targets)
+    assert memory.out is not None and memory.grads is not None           # the model of graph memory was used
+    if copied_out:
+        for name in reference:
+            torch.testing.assert_close(grads[name], reference[name], **TOLERANCE, msg=name)
+    else:       # without the copies, the model does corrupt them: the test can fail
+        assert not all(torch.allclose(grads[name], reference[name], **TOLERANCE) for name in reference)
+
+
+def test_captured_graphs_gradients_reach_the_parameters_as_copies(monkeypatch):
+    eager, captured = pair()
+    seen, copy_gradients = [], core._copy_gradients
+
+    def recording(grad_inputs, grad_outputs):     # the graph's gradients, as the hook receives them
+        seen.append({g.data_ptr() for g in grad_inputs if g is not None})
+        return copy_gradients(grad_inputs, grad_outputs)
+    monkeypatch.setattr(core, '_copy_gradients', recording)
+    zs = [(torch.randn(4, 16), torch.randn(4, 16)) for _ in range(2)]
+    targets = [torch.randn(4, 12) for _ in range(2)]
+    reference = mixing_and_accumulation_grads(eager.train(), zs, targets)
+    grads = mixing_and_accumulation_grads(captured.train(), zs, targets)
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], **TOLERANCE, msg=name)
+    assert len(seen) == 4                                       # one backward of the graph per call
+    block_grads = {p.grad.data_ptr() for p in captured.block.parameters()}
+    assert not block_grads & set().union(*seen), 'a .grad is memory of the graph\'s backward'
+
+
 def test_process_default_reaches_copies_but_not_pickles(monkeypatch):
     monkeypatch.setattr(core, '_compile_default', None)
     captured_calls = []                         # the compile mode of each call that took the captured path

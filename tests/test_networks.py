@@ -2,6 +2,7 @@
 
 import inspect
 import io
+import os
 import pickle
 import sys
 
@@ -100,6 +101,9 @@ def test_a_non_finite_w_avg_restarts_from_the_next_finite_batch(stylegan_root):
 def test_official_loss_phases_with_style_mixing_and_augment(stylegan_root):
     from training.augment import AugmentPipe
     from training.loss import StyleGAN2Loss
+
+    from stylegan2_ada_patch import compat
+    compat.fix_grid_sample()    # as the patched train.py does: R1 through ADA's geometric augmentations on any torch
     torch.manual_seed(0)
     G, D = build(c_dim=3).train(), build_d(c_dim=3).train()
     augment = AugmentPipe(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1, brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
@@ -203,7 +207,8 @@ def _ddp_worker(rank, init_file, root, result_file):
     grads = torch.cat([p.grad.flatten() for p in G.mapping.parameters()])
     misc.check_ddp_consistency(G.mapping, ignore_regex=r'.*\.w_avg')
     torch.save(dict(carry=carry, grads=grads, missing=[n for n, p in G.mapping.named_parameters() if p.grad is None]), f'{result_file}.{rank}')
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()     # both results written; then no gloo teardown: on torch 2.1, destroy_process_group
+    os._exit(0)                     # sometimes hung for good in one worker after the other had exited
 
 
 def test_ddp_two_processes_gloo(stylegan_root, tmp_path):

@@ -11,6 +11,8 @@
 #   bench   rtm-mapping bench --device cuda: dispatch (ops per call, CUDA launches, batch-1 latency: MLP 2 and 8
 #           layers, RTM eager, RTM captured) and, on StyleGAN2-ADA, generator forward + training step at cifar
 #           (batch 64) and paper512, MLP against RTM eager and RTM captured (torch.compile, CUDA graphs)
+#   bench-imle  rtm-mapping bench --device cuda --part imle: RS-IMLE time per image (App. H) for each decoder, RTM
+#           against the 8-layer MLP, and the nearest-neighbour search's throughput against one matrix product
 #   train   train.py on a generated 32 px dataset, --map=mlp, --map=rtm, --map=rtm --map-compile: seconds per
 #           kimg over the ticks after tick 0; StyleGAN2-ADA --cfg=cifar --batch=64, StyleGAN3 --cfg=stylegan3-t --batch=32.
 #           The --map-compile run is the loss as the loop runs it under CUDA graphs: the mapper called twice
@@ -101,6 +103,11 @@ stage smoke "$smoke_limit" bash "$here/gpu_smoke.sh" "$root" "$work/smoke"
 bench=("${rtm_mapping[@]}" bench --device cuda "${bench_checkout[@]}" --compile-mode "$MAP_COMPILE" --repeats 100 --warmup 10 --gen-repeats 10 --gen-warmup 3)
 stage bench-dispatch 80 "${bench[@]}" --part dispatch --out "$work/bench-dispatch.json"
 [ "$bench_generator" = 0 ] || stage bench-generator 110 "${bench[@]}" --part generator --config cifar --config paper512 --out "$work/bench-generator.json"
+# RS-IMLE (pure PyTorch, no checkout): App. H's time per image of each decoder, RTM config against MLP config, and the
+# sampler's exact search at CIFAR-10 scale (n = 50,000 against m = 500,736 of 800) against one plain product of that
+# shape, with its peak memory. App. H takes the median of 200 passes after 20; IMLE_REPEATS / IMLE_WARMUP (default 20
+# after 5) keep the stage near 1.5 minutes (an estimate: no GPU was available where this was written).
+stage bench-imle 100 "${rtm_mapping[@]}" bench --device cuda --part imle --imle-repeats "${IMLE_REPEATS:-20}" --imle-warmup "${IMLE_WARMUP:-5}" --out "$work/bench-imle.json"
 
 "${rtm_mapping[@]}" make-dataset --out "$work/data.zip" --count 1024 --resolution 32 > /dev/null
 train=(bash -c 'cd "$0" && exec "$@"' "$root" "$PYTHON" train.py --data="$work/data.zip" "${train_common[@]}")   # in the copy

@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import copy_checkout, run_patch, training_options
 from torch._dynamo.utils import counters
 
 from rtm_mapping import core
@@ -264,26 +265,21 @@ def test_training_loop_wrapper_applies_map_compile_in_its_process(monkeypatch):
 
 
 def test_train_py_map_compile_is_a_training_option_not_a_network_argument(stylegan_root, tmp_path):
-    from stylegan2_ada_patch import patcher
     from stylegan2_ada_patch.dataset import write_dataset
-    root = tmp_path / 'stylegan2-ada-pytorch'
-    shutil.copytree(stylegan_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig'))
+    root = copy_checkout(stylegan_root, tmp_path / 'stylegan2-ada-pytorch')
     write_dataset(str(root / 'data'), count=8, resolution=32)
-    from click.testing import CliRunner
-    assert CliRunner().invoke(patcher.patch, [str(root)]).exit_code == 0
+    assert run_patch(root)[0] == 0
 
     def dry_run(*args):
         return subprocess.run([sys.executable, 'train.py', '--outdir', str(root / 'runs'), '--data', str(root / 'data'), '--dry-run',
                                '--cfg=cifar', *args], cwd=root, capture_output=True, text=True, timeout=300)
     out = dry_run('--map=rtm', '--map-compile')
     assert out.returncode == 0, out.stderr
-    text = out.stdout[out.stdout.index('Training options:') + len('Training options:'):]
-    options = json.loads(text[:text.index('\n}\n') + 2])
+    options, _ = training_options(out.stdout)
     assert options['map_compile'] == 'auto'
     assert 'compile' not in json.dumps(options['G_kwargs'])  # G_kwargs go into every pickle
     out = dry_run('--map=rtm', '--map-compile=default')
-    text = out.stdout[out.stdout.index('Training options:') + len('Training options:'):]
-    assert json.loads(text[:text.index('\n}\n') + 2])['map_compile'] == 'default'
+    assert training_options(out.stdout)[0]['map_compile'] == 'default'
     out = dry_run('--map-compile')
     assert out.returncode == 2 and '--map-compile captures the RTM recursion: it needs --map=rtm.' in out.stdout + out.stderr
 

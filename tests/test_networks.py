@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_stock
+from conftest import original_init, run_stock, snapshot
 
 SMALL = dict(z_dim=64, w_dim=64, img_resolution=16, img_channels=3,
              mapping_kwargs=dict(steps=4, tokens=4, token_dim=16),
@@ -24,11 +24,6 @@ def build_d(c_dim=0):
     from training import networks as official
     return official.Discriminator(c_dim=c_dim, img_resolution=16, img_channels=3, channel_base=256, channel_max=32,
                                   num_fp16_res=0, conv_clamp=None, epilogue_kwargs=dict(mbstd_group_size=4))
-
-
-def original_init(cls):
-    """The constructor under persistence's Decorator."""
-    return cls.__mro__[1].__init__
 
 
 def test_mapping_signature_extends_the_official_one(stylegan_root):
@@ -122,11 +117,6 @@ def test_official_loss_phases_with_style_mixing_and_augment(stylegan_root):
         if phase in ('Gmain', 'Greg'):
             rtm = {name: g for name, g in grads.items() if name.startswith('mapping.')}
             assert rtm and all(g.abs().sum() > 0 for g in rtm.values()), f'{phase}: an RTM parameter gets no gradient'
-
-
-def snapshot(G, D):
-    import copy
-    return dict(G=G, D=D, G_ema=copy.deepcopy(G).eval(), augment_pipe=None, training_set_kwargs=None)
 
 
 @pytest.mark.parametrize('c_dim', [0, 3])

@@ -82,7 +82,7 @@ run_env() {  # run_env NAME PYTHON PIP_ARGS...: build the environment, then chec
     if [ "$name" = newest ]; then "$venv/bin/python" -m pip uninstall -q -y rtm-mapping && offline_install "$venv"; fi
     "$venv/bin/python" -m ruff check .
     local TIMEFORMAT="=== $name: suite in %0R s (CPU: %0U s user, %0S s system; wall time depends on the machine's load)"
-    time (cd "$repo" && env -u VIRTUAL_ENV PATH="/usr/bin:/bin" "$venv/bin/python" -m pytest -q -p no:cacheprovider)
+    time (cd "$repo" && env -u VIRTUAL_ENV PATH="/usr/bin:/bin" "$venv/bin/python" -m pytest -q -p no:cacheprovider --durations=10)
 }
 
 envs=("$@")

@@ -19,7 +19,7 @@ rtm patch "$root"
 [ -e "$work/data.zip" ] || rtm make-dataset --out "$work/data.zip" --count 64 --resolution 32
 
 cd "$root"
-"$python" train.py --outdir="$work/runs" --data="$work/data.zip" --cfg=cifar --map=rtm --map-h=16 --smoke=32 --batch=16 --workers=1
+"$python" train.py --outdir="$work/runs" --data="$work/data.zip" --cfg=cifar --map=rtm --map-h=16 --smoke=16 --batch=16 --workers=1
 pkl=$(ls -t "$work"/runs/*/network-snapshot-*.pkl | head -n 1)
 if "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     "$python" generate.py --network="$pkl" --seeds=0-3 --trunc=0.7 --outdir="$work/generated"

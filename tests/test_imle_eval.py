@@ -264,8 +264,9 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     detectors.standin('inception', str(tmp_path / 'inception.pt'), num_features=16)
     script = '\n'.join(['set -euo pipefail', f'rtm-mapping() {{ "{sys.executable}" -m rtm_mapping.cli "$@"; }}',
                         f'rtm-mapping detectors install inception {tmp_path / "inception.pt"}'] + lines[1:-1])
+    # One torch thread per command: two threads that spin against other jobs make a loaded 2-core machine much slower.
     out = subprocess.run(['bash', '-c', script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, DNNLIB_CACHE_DIR=str(tmp_path / 'dnnlib')))
+                         env=dict(os.environ, DNNLIB_CACHE_DIR=str(tmp_path / 'dnnlib'), OMP_NUM_THREADS='1'))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert len(os.listdir(tmp_path / 'imle-out')) == 17 and (tmp_path / 'imle-out-h16' / 'grid.png').is_file()
     report, = (tmp_path / 'imle-runs').glob('*/snapshot-epoch-*-metrics.json')

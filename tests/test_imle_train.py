@@ -40,6 +40,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def no_vgg16(tmp_path, monkeypatch):
+    """An empty dnnlib cache: no vgg16.pt, so that a smoke run takes its stand-in."""
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'empty-cache'))
+
+
 @pytest.fixture(scope='module')
 def vgg16_standin(tmp_path_factory):
     return detectors.standin('vgg16', str(tmp_path_factory.mktemp('vgg16') / 'vgg16.pt'))
@@ -137,8 +143,7 @@ def test_dry_run_prints_the_options_and_the_run_name(tmp_path):
         assert code != 0 and re.search(message, out), (args, out)
 
 
-def test_smoke_runs_on_a_folder_and_on_a_zip_and_resumes(tmp_path, one_thread, monkeypatch):
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'empty-cache'))     # no vgg16.pt: the smoke takes a stand-in
+def test_smoke_runs_on_a_folder_and_on_a_zip_and_resumes(tmp_path, one_thread, no_vgg16):
     folder = write_dataset(str(tmp_path / 'blobs'), count=10, resolution=64)
     archive = write_dataset(str(tmp_path / 'blobs.zip'), count=10, resolution=64)
     code, out = _invoke('--config', 'fewshot-imle-rtm', '--data', folder, '--outdir', tmp_path / 'runs', '--smoke')
@@ -254,11 +259,10 @@ def test_two_processes_train_as_one(tmp_path, vgg16_cache):
 
 
 @pytest.mark.parametrize('name', sorted(set(PAPER) - {'fewshot-imle-rtm', 'fewshot-imle-mlp'}))
-def test_every_config_has_a_smoke_that_trains_and_snapshots(tmp_path, name, one_thread, monkeypatch):
+def test_every_config_has_a_smoke_that_trains_and_snapshots(tmp_path, name, one_thread, no_vgg16):
     """The smoke of every config (its mapper as the paper has it, the tiny decoder of its block type) trains for
     its tick and leaves a snapshot whose generator generates; the two few-shot configs run their smokes in
     test_smoke_runs_on_a_folder_and_on_a_zip_and_resumes."""
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'empty-cache'))
     data = write_dataset(str(tmp_path / 'data'), count=8, resolution=32)
     code, out = _invoke('--config', name, '--data', data, '--outdir', tmp_path / 'runs', '--smoke')
     assert code == 0, out
@@ -267,7 +271,8 @@ def test_every_config_has_a_smoke_that_trains_and_snapshots(tmp_path, name, one_
     assert options['G_kwargs']['decoder_kwargs'] == train.SMOKE_SETTINGS['decoder_kwargs'] and options['total_epochs'] == options['epochs_per_tick']
     (stats,) = [json.loads(line) for line in (run / 'stats.jsonl').read_text().splitlines()]
     assert stats['Progress/epoch'] == options['total_epochs'] and torch.isfinite(torch.tensor(stats['Loss/loss']))
-    G = snapshot.load_generator(str(run / f'snapshot-epoch-{options["total_epochs"]:06d}.pt'))
+    (snap,) = run.glob('snapshot-epoch-*.pt')
+    G = snapshot.load_generator(str(snap))
     assert G.init_kwargs['decoder'] == PAPER[name][0] and G.init_kwargs['mapper'] == PAPER[name][1]
     kwargs = G.init_kwargs['mapper_kwargs']
     assert tuple(kwargs.get(key) for key in ('steps', 'inner_steps', 'block')) == PAPER[name][2:]

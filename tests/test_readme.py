@@ -5,12 +5,12 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import copy_checkout
 
 from rtm_mapping.cli import COMMANDS, main
 
@@ -49,8 +49,7 @@ def test_quick_start_main_job(stylegan_root, tmp_path):
     (no PATH lookups). Without a checkout it would clone NVIDIA's: tests/test_official.py covers that part."""
     quick, = [line for block in blocks('bash') for line in block.splitlines() if 'scripts/demo.sh' in line]
     assert quick.startswith('python -m venv .venv && ') and quick.endswith('bash scripts/demo.sh')
-    root = tmp_path / 'stylegan2-ada-pytorch'
-    shutil.copytree(stylegan_root, root, ignore=shutil.ignore_patterns('__pycache__', '*.rtm-orig'))
+    root = copy_checkout(stylegan_root, tmp_path / 'stylegan2-ada-pytorch')
     out = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'demo.sh'), str(root), str(tmp_path / 'work')],
                          env=dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
